@@ -1,0 +1,1 @@
+"""Ray actor roles: rollout (vLLM / HF generate), teacher scoring, student trainer (DeepSpeed)."""

@@ -1,0 +1,150 @@
+"""Rollout role: sample completions from the current student weights.
+
+``RolloutWorker`` is a plain class (tested directly); the Ray actor is ``ray.remote(RolloutWorker)``. Two
+backends share one interface: ``HFGenerator`` (transformers ``generate``; CPU and GPU) and ``VLLMGenerator``
+(``actors/vllm_engine.py``, imported only when ``rollout.backend=vllm``).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from sdft_ray.config import Config, config_from_dict
+from sdft_ray.modeling import device_for, load_model, load_tokenizer
+from sdft_ray.weight_sync import Bucket, WeightSyncError, load_bucket_into, model_checksum
+
+
+class HFGenerator:
+    """Sampling with ``transformers.generate``; the real CPU backend (and a GPU fallback without vLLM)."""
+
+    def __init__(self, cfg: Config, device: torch.device) -> None:
+        self.tokenizer = load_tokenizer(cfg.model)
+        self.model = load_model(cfg.model, device).eval()
+        self.device = device
+
+    def generate(
+        self, prompts: list[list[int]], *, max_new_tokens: int, temperature: float, top_p: float, greedy: bool, seed: int
+    ) -> list[tuple[list[int], list[float]]]:
+        tok = self.tokenizer
+        pad = tok.pad_token_id
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+        attn = torch.zeros_like(ids)
+        for i, p in enumerate(prompts):  # left padding: generation continues every row at the same column
+            ids[i, width - len(p) :] = torch.tensor(p)
+            attn[i, width - len(p) :] = 1
+        sampling = {} if greedy else dict(temperature=temperature, top_p=top_p, top_k=0)
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            out = self.model.generate(
+                input_ids=ids.to(self.device),
+                attention_mask=attn.to(self.device),
+                max_new_tokens=max_new_tokens,
+                do_sample=not greedy,
+                pad_token_id=pad,
+                eos_token_id=tok.eos_token_id,
+                return_dict_in_generate=True,
+                output_logits=True,
+                **sampling,
+            )
+        gen = out.sequences[:, width:].cpu()
+        # Raw (temperature-1) logits: the trainer scores tokens at temperature 1, and the importance
+        # correction compares like with like.
+        logp = F.log_softmax(torch.stack(out.logits, 1).float(), -1).cpu()
+        results = []
+        for i in range(len(prompts)):
+            toks = gen[i].tolist()
+            if tok.eos_token_id in toks:
+                toks = toks[: toks.index(tok.eos_token_id) + 1]
+            lp = logp[i, torch.arange(len(toks)), torch.tensor(toks, dtype=torch.long)].tolist() if toks else []
+            results.append((toks, lp))
+        return results
+
+    def load_bucket(self, bucket: Bucket, verify: bool) -> None:
+        load_bucket_into(self.model, bucket, verify)
+
+    def checksum(self) -> str:
+        return model_checksum((n, p.detach()) for n, p in self.model.named_parameters())
+
+    def sleep(self) -> None:  # nothing to free: HF keeps no KV cache between calls
+        pass
+
+    def wake(self) -> None:
+        pass
+
+
+class RolloutWorker:
+    """One rollout engine: generates for a shard of prompts and receives weight buckets from the trainer."""
+
+    def __init__(self, cfg_dict: dict[str, Any], engine_index: int = 0) -> None:
+        self.cfg = config_from_dict(cfg_dict)
+        torch.set_num_threads(max(1, self.cfg.rollout.torch_threads))
+        self.engine_index = engine_index
+        self.version = 0
+        device = device_for(self.cfg.rollout.num_gpus)
+        if self.cfg.rollout.backend == "vllm":
+            from actors.vllm_engine import VLLMGenerator
+
+            self.backend: Any = VLLMGenerator(self.cfg, engine_index)
+        else:
+            self.backend = HFGenerator(self.cfg, device)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def generate(
+        self, items: list[dict[str, Any]], seed: int, greedy: bool = False, max_new_tokens: int = 0
+    ) -> list[dict[str, Any]]:
+        """Sample completions for ``items`` (each with prompt_ids, teacher_prompt_ids, index).
+
+        Returns the items extended with completion_ids, rollout_logprobs and the weight ``version`` used.
+        """
+        r = self.cfg.rollout
+        t0 = time.perf_counter()
+        key = "teacher_prompt_ids" if r.generate_from_teacher else "prompt_ids"
+        outs = self.backend.generate(
+            [it[key] for it in items],
+            max_new_tokens=max_new_tokens or r.max_new_tokens,
+            temperature=r.temperature,
+            top_p=r.top_p,
+            greedy=greedy,
+            seed=seed,
+        )
+        dt = time.perf_counter() - t0
+        result = []
+        for it, (toks, lps) in zip(items, outs, strict=True):
+            result.append(
+                {**it, "completion_ids": toks, "rollout_logprobs": lps, "version": self.version, "rollout_s": dt}
+            )
+        return result
+
+    def update_weights(self, buckets: list[Any], version: int, timeout_s: float) -> int:
+        """Load buckets (ObjectRefs on the CPU path) and adopt ``version``; loud error on timeout or mismatch."""
+        import ray
+
+        verify = self.cfg.pipeline.verify_weight_checksums
+        self.backend.wake()
+        for ref in buckets:
+            try:
+                bucket = ray.get(ref, timeout=timeout_s) if isinstance(ref, ray.ObjectRef) else ref
+            except ray.exceptions.GetTimeoutError:
+                raise WeightSyncError(
+                    f"rollout engine {self.engine_index}: weight bucket did not arrive within {timeout_s}s"
+                ) from None
+            self.backend.load_bucket(bucket, verify)
+        self.version = version
+        return version
+
+    def checksum(self) -> str:
+        return self.backend.checksum()
+
+    def sleep(self) -> None:
+        self.backend.sleep()
+
+    def wake(self) -> None:
+        self.backend.wake()

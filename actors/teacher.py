@@ -1,0 +1,158 @@
+"""Teacher role: score the student's own tokens under the demonstration-conditioned prompt.
+
+Kinds (SDFT_SPEC.md step 5): ``ema`` (EMA of the student, the paper's choice), ``frozen`` (the base model),
+``student`` (live student weights, no grad), ``external`` (OpenAI-compatible server, top-k prompt logprobs).
+
+``TeacherScorer`` is the testable core. With the full-vocab estimator it lives *inside* the trainer process
+(seq x vocab logits never cross the network); ``TeacherWorker`` is the separate Ray actor for the top-k and
+sampled-token estimators, shipping only [T, k] log-probs per sequence.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import urllib.request
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from sdft_ray.config import Config, config_from_dict
+from sdft_ray.losses import topk_logprobs
+from sdft_ray.modeling import completion_logits, device_for, load_model, load_tokenizer
+from sdft_ray.weight_sync import Bucket, load_bucket_into, model_checksum
+
+
+class TeacherScorer:
+    """Holds the teacher model (or borrows the live student) and computes teacher-side quantities."""
+
+    def __init__(self, cfg: Config, device: torch.device, student: torch.nn.Module | None = None) -> None:
+        self.cfg = cfg
+        self.pad = load_tokenizer(cfg.model).pad_token_id
+        if cfg.teacher.kind == "student" and student is not None:
+            self.model = student  # live student: same parameters, scored without grad
+            self.owns_model = False
+        else:
+            self.model = load_model(cfg.model, device).eval()
+            self.model.requires_grad_(False)
+            self.owns_model = True
+
+    @torch.no_grad()
+    def logits(self, teacher_prompts: list[list[int]], completions: list[list[int]]) -> torch.Tensor:
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            return completion_logits(self.model, teacher_prompts, completions, self.pad).float()
+        finally:
+            self.model.train(was_training)
+
+    @torch.no_grad()
+    def compact_scores(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Per-sequence teacher outputs small enough to ship: top-k (logprobs, ids) or sampled-token logprobs."""
+        lo = self.cfg.loss
+        logits = self.logits([it["teacher_prompt_ids"] for it in items], [it["completion_ids"] for it in items])
+        out = []
+        for i, it in enumerate(items):
+            n = len(it["completion_ids"])
+            row = logits[i, :n]
+            if lo.estimator == "sampled":
+                ids = torch.tensor(it["completion_ids"], dtype=torch.long)
+                lp = F.log_softmax(row, -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+                out.append({"index": it["index"], "logp_tok": lp})
+            else:
+                vals, idx = topk_logprobs(row, lo.top_k)
+                out.append({"index": it["index"], "logp_k": vals, "ids_k": idx})
+        return out
+
+    @torch.no_grad()
+    def ema_update(self, student_params: list[tuple[str, torch.Tensor]], rate: float) -> None:
+        """teacher = (1 - rate) * teacher + rate * student, for the given (full, gathered) student tensors."""
+        params = dict(self.model.named_parameters())
+        for name, s in student_params:
+            t = params[name]
+            t.mul_(1.0 - rate).add_(s.to(t.device, t.dtype), alpha=rate)
+
+    def load_bucket(self, bucket: Bucket, verify: bool = False) -> None:
+        load_bucket_into(self.model, bucket, verify)
+
+    def checksum(self) -> str:
+        return model_checksum((n, p.detach()) for n, p in self.model.named_parameters())
+
+
+class ExternalTeacher:
+    """A teacher behind an OpenAI-compatible server (e.g. ``vllm serve``): top-k prompt logprobs only.
+
+    Uses vLLM's ``prompt_logprobs`` and ``return_tokens_as_token_ids`` extensions so that returned
+    tokens are ids in the shared vocabulary, not strings that would need re-tokenizing.
+    """
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.url = cfg.teacher.external_url.rstrip("/") + "/v1/completions"
+
+    def _prompt_logprobs(self, ids: list[int]) -> list[dict[str, Any] | None]:
+        body = {
+            "model": self.cfg.teacher.external_model or self.cfg.model.path,
+            "prompt": ids,
+            "max_tokens": 1,
+            "prompt_logprobs": self.cfg.teacher.external_top_k,
+            "return_tokens_as_token_ids": True,
+        }
+        req = urllib.request.Request(
+            self.url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+        )
+        key = os.environ.get("OPENAI_API_KEY")
+        if key:
+            req.add_header("Authorization", f"Bearer {key}")
+        with urllib.request.urlopen(req, timeout=self.cfg.pipeline.call_timeout_s) as resp:
+            return json.loads(resp.read())["choices"][0]["prompt_logprobs"]
+
+    def compact_scores(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        k = self.cfg.teacher.external_top_k
+        out = []
+        for it in items:
+            plen, comp = len(it["teacher_prompt_ids"]), it["completion_ids"]
+            rows = self._prompt_logprobs(it["teacher_prompt_ids"] + comp)[plen : plen + len(comp)]
+            vals = torch.full((len(comp), k), -1e4)
+            ids = torch.zeros((len(comp), k), dtype=torch.long)
+            for t, row in enumerate(rows):
+                entries = sorted((row or {}).items(), key=lambda kv: -kv[1]["logprob"])[:k]
+                for j, (tok, info) in enumerate(entries):
+                    ids[t, j] = int(str(tok).removeprefix("token_id:"))
+                    vals[t, j] = float(info["logprob"])
+            out.append({"index": it["index"], "logp_k": vals, "ids_k": ids})
+        return out
+
+
+class TeacherWorker:
+    """Separate teacher actor (top-k / sampled estimators). Receives EMA or student weights by bucket."""
+
+    def __init__(self, cfg_dict: dict[str, Any]) -> None:
+        self.cfg = config_from_dict(cfg_dict)
+        torch.set_num_threads(max(1, self.cfg.rollout.torch_threads))
+        if self.cfg.teacher.kind == "external":
+            self.scorer: Any = ExternalTeacher(self.cfg)
+        else:
+            self.scorer = TeacherScorer(self.cfg, device_for(self.cfg.teacher.num_gpus))
+        self.version = 0
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def score(self, rollout_shards: list[Any]) -> list[dict[str, Any]]:
+        import ray
+
+        items = [it for shard in ray.get(list(rollout_shards)) for it in shard]
+        return self.scorer.compact_scores(items)
+
+    def update_weights(self, buckets: list[Any], version: int, timeout_s: float) -> int:
+        import ray
+
+        for ref in buckets:
+            self.scorer.load_bucket(ray.get(ref, timeout=timeout_s), self.cfg.pipeline.verify_weight_checksums)
+        self.version = version
+        return version
+
+    def checksum(self) -> str:
+        return self.scorer.checksum()

@@ -1,0 +1,325 @@
+"""Student trainer role: a DeepSpeed engine (ZeRO 0-3, CPU or GPU) running the SDFT (or SFT) loss.
+
+``StudentTrainer`` is a plain class; the Ray actor is ``ray.remote(StudentTrainer)``. With the full-vocab
+estimator the teacher forward runs here too (``TeacherScorer``), so seq x vocab teacher logits never leave
+the process. The EMA teacher is updated here after every optimizer step.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from actors.teacher import TeacherScorer
+from sdft_ray.config import config_from_dict
+from sdft_ray.ds_config import deepspeed_config, grad_accum_steps, lr_lambda
+from sdft_ray.losses import LossOutput, sdft_loss, sft_loss
+from sdft_ray.modeling import (
+    completion_logits,
+    device_for,
+    load_model,
+    load_tokenizer,
+    pad_floats,
+    pad_right,
+)
+from sdft_ray.weight_sync import Bucket, bucket_checksum, iter_param_buckets, model_checksum
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive optimizer steps had a non-finite loss; the run stops before corrupting weights."""
+
+
+def _init_distributed_env(rank: int, world_size: int, master_addr: str, master_port: int) -> None:
+    os.environ.update(
+        MASTER_ADDR=master_addr,
+        MASTER_PORT=str(master_port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(0 if not torch.cuda.is_available() else int(os.environ.get("LOCAL_RANK", 0))),
+    )
+    if not torch.cuda.is_available():
+        # DeepSpeed picks its accelerator at import time; on CPU it must be told before `import deepspeed`.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+class StudentTrainer:
+    def __init__(
+        self,
+        cfg_dict: dict[str, Any],
+        total_steps: int,
+        rank: int = 0,
+        world_size: int = 1,
+        master_addr: str = "127.0.0.1",
+        master_port: int = 29500,
+    ) -> None:
+        self.cfg = cfg = config_from_dict(cfg_dict)
+        self.rank, self.world_size = rank, world_size
+        torch.set_num_threads(max(1, cfg.train.torch_threads))
+        _init_distributed_env(rank, world_size, master_addr, master_port)
+        import deepspeed
+
+        torch.manual_seed(cfg.train.seed)
+        self.device = device_for(cfg.train.num_gpus)
+        self.tokenizer = load_tokenizer(cfg.model)
+        self.pad = self.tokenizer.pad_token_id
+        model = load_model(cfg.model, self.device)
+        if cfg.model.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+            model.config.use_cache = False
+        bf16 = next(model.parameters()).dtype == torch.bfloat16
+        t = cfg.train
+        ds_cfg = deepspeed_config(cfg, bf16)
+        optimizer = None
+        if not t.offload_optimizer:
+            optimizer = torch.optim.AdamW(
+                model.parameters(), lr=t.lr, betas=t.adam_betas, weight_decay=t.weight_decay
+            )
+        self.total_steps = total_steps
+        sched = (lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total_steps)))
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model,
+            optimizer=optimizer,
+            model_parameters=model.parameters() if optimizer is None else None,
+            lr_scheduler=sched,
+            config=ds_cfg,
+            dist_init_required=True,
+        )
+        self.gas = grad_accum_steps(cfg)
+        self.version = 0
+        self.bad_steps = 0
+        self.teacher: TeacherScorer | None = None
+        needs_local_teacher = cfg.train.algo == "sdft" and (
+            cfg.teacher_colocated or cfg.teacher.kind == "ema"  # separate EMA: the trainer owns the EMA weights
+        )
+        if needs_local_teacher and cfg.teacher.kind != "external":
+            self.teacher = TeacherScorer(cfg, self.device, student=self.engine.module)
+
+    # ------------------------------------------------------------ helpers
+    def pid(self) -> int:
+        return os.getpid()
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.engine.module
+
+    def _bucket_bytes(self) -> int:
+        return self.cfg.pipeline.sync_bucket_mb * 2**20
+
+    def _lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    # ------------------------------------------------------------ the step
+    def _micro_loss(self, mb: list[dict[str, Any]], teacher_rows: dict[Any, dict[str, Any]]) -> LossOutput:
+        cfg, lo = self.cfg, self.cfg.loss
+        if cfg.train.algo == "sft":
+            logits = completion_logits(self.module, [m["prompt_ids"] for m in mb], [m["demonstration_ids"] for m in mb], self.pad)
+            ids, mask = pad_right([m["demonstration_ids"] for m in mb], self.pad)
+            return sft_loss(logits, ids.to(logits.device), mask.to(logits.device))
+        comps = [m["completion_ids"] for m in mb]
+        kwargs: dict[str, Any] = {}
+        t0 = time.perf_counter()
+        if teacher_rows:
+            width = max(len(c) for c in comps)
+            rows = [teacher_rows[m["uid"]] for m in mb]
+            if lo.estimator == "sampled":
+                kwargs["teacher_logp_tok"] = pad_floats([r["logp_tok"].tolist() for r in rows], width)
+            else:
+                k = rows[0]["logp_k"].shape[-1]
+                lp = torch.full((len(mb), max(1, width), k), -1e4)
+                ix = torch.zeros((len(mb), max(1, width), k), dtype=torch.long)
+                for i, r in enumerate(rows):
+                    lp[i, : len(r["logp_k"])] = r["logp_k"]
+                    ix[i, : len(r["ids_k"])] = r["ids_k"]
+                kwargs["teacher_logp_k"], kwargs["teacher_support"] = lp, ix
+        else:
+            assert self.teacher is not None
+            kwargs["teacher_logits"] = self.teacher.logits([m["teacher_prompt_ids"] for m in mb], comps)
+        self._timing["teacher_s"] += time.perf_counter() - t0
+        logits = completion_logits(self.module, [m["prompt_ids"] for m in mb], comps, self.pad)
+        dev = logits.device
+        ids, mask = pad_right(comps, self.pad)
+        rollout_logp = pad_floats([m["rollout_logprobs"] for m in mb], ids.shape[1])
+        kwargs = {k: v.to(dev) for k, v in kwargs.items()}
+        return sdft_loss(
+            logits,
+            ids.to(dev),
+            mask.to(dev),
+            divergence_kind=lo.divergence,
+            alpha=lo.jsd_alpha,
+            estimator=lo.estimator,
+            top_k=lo.top_k,
+            topk_support=lo.topk_support,
+            topk_tail=lo.topk_tail,
+            rollout_logp=rollout_logp.to(dev) if lo.importance_clip > 0 else None,
+            skip_first=lo.skip_first_tokens,
+            importance_clip=lo.importance_clip,
+            **kwargs,
+        )
+
+    def train_step(self, shards: list[Any], teacher_shards: list[Any] | None = None) -> dict[str, Any]:
+        """One optimizer step on this rank's share of the batch; returns metrics (rank-local)."""
+        import ray
+
+        timeout = self.cfg.pipeline.call_timeout_s
+        items = [it for shard in ray.get(list(shards), timeout=timeout) for it in shard]
+        mine = items[self.rank :: self.world_size]
+        teacher_rows: dict[Any, dict[str, Any]] = {}
+        if teacher_shards:
+            for shard in ray.get(list(teacher_shards), timeout=timeout):
+                for row in shard:
+                    teacher_rows[row["uid"]] = row
+        mbs = self.cfg.train.micro_batch_size
+        if len(mine) != mbs * self.gas:
+            raise ValueError(f"trainer rank {self.rank}: got {len(mine)} samples, expected {mbs * self.gas}")
+        self._timing = {"teacher_s": 0.0}
+        t0 = time.perf_counter()
+        self.engine.train()
+        losses, kls, weights, tokens, bad = [], [], [], 0, False
+        grad_norm = float("nan")
+        for i in range(self.gas):
+            mb = mine[i * mbs : (i + 1) * mbs]
+            out = self._micro_loss(mb, teacher_rows)
+            loss = out.loss
+            if not torch.isfinite(loss):
+                # Don't backprop NaN/inf: a zero surrogate keeps DeepSpeed's accumulation counters in step,
+                # and the update below is suppressed.
+                bad = True
+                loss = sum((p.sum() * 0.0 for p in self.module.parameters() if p.requires_grad), torch.zeros(()))
+            else:
+                losses.append(loss.item())
+                kls.append(out.per_seq.mean().item())
+                weights.append(out.weights.mean().item())
+                tokens += out.tokens
+            self.engine.backward(loss)
+            if i == self.gas - 1:
+                if bad:
+                    for g in self.optimizer.param_groups:
+                        g["lr"] = 0.0  # a skipped step: no parameter moves (schedule still advances)
+                elif self.cfg.train.zero_stage == 0:
+                    grad_norm = self._grad_norm()
+            self.engine.step()
+        train_s = time.perf_counter() - t0 - self._timing["teacher_s"]
+        if bad:
+            self.bad_steps += 1
+            if self.bad_steps >= self.cfg.train.max_bad_steps:
+                raise NonFiniteLossError(
+                    f"{self.bad_steps} consecutive steps with a non-finite loss (train.max_bad_steps="
+                    f"{self.cfg.train.max_bad_steps}); last good checkpoint is intact, resume with "
+                    f"train.resume=auto after checking the data/lr"
+                )
+        else:
+            self.bad_steps = 0
+        if self.cfg.train.zero_stage > 0:
+            gn = self.engine.get_global_grad_norm()
+            grad_norm = float(gn) if gn is not None else float("nan")
+        t1 = time.perf_counter()
+        self._update_teacher()
+        self.version += 1
+        versions = [it.get("version", self.version - 1) for it in mine]
+        lag = [self.version - 1 - v for v in versions]
+        return {
+            "loss": sum(losses) / max(1, len(losses)),
+            "kl": sum(kls) / max(1, len(kls)),
+            "importance_weight": sum(weights) / max(1, len(weights)),
+            "grad_norm": grad_norm,
+            "lr": self._lr(),
+            "tokens": tokens,
+            "completion_len": sum(len(m.get("completion_ids", m.get("demonstration_ids", []))) for m in mine)
+            / max(1, len(mine)),
+            "skipped_step": int(bad),
+            "lag_mean": sum(lag) / max(1, len(lag)),
+            "lag_max": max(lag) if lag else 0,
+            "teacher_s": self._timing["teacher_s"],
+            "train_s": train_s,
+            "ema_s": time.perf_counter() - t1,
+            "version": self.version,
+        }
+
+    def _grad_norm(self) -> float:
+        sq = 0.0
+        for p in self.module.parameters():
+            if p.grad is not None:
+                sq += float(p.grad.detach().float().pow(2).sum())
+        return math.sqrt(sq)
+
+    def _update_teacher(self) -> None:
+        if self.teacher is None or self.cfg.teacher.kind != "ema":
+            return
+        for b in iter_param_buckets(self.module, self._bucket_bytes(), self.cfg.train.zero_stage, to_cpu=False):
+            self.teacher.ema_update(list(zip(b.names, b.tensors, strict=True)), self.cfg.teacher.ema_rate)
+
+    # ------------------------------------------------------------ weights out
+    def broadcast(self, which: str = "student") -> list[Any]:
+        """Put the current weights in the object store as buckets; returns their refs (rank 0; [] elsewhere).
+
+        Every rank must call this under ZeRO-3 because the gather is collective.
+        """
+        import ray
+
+        module, stage = self._source(which)
+        verify = self.cfg.pipeline.verify_weight_checksums
+        refs = []
+        for b in iter_param_buckets(module, self._bucket_bytes(), stage):
+            if self.rank == 0:
+                if verify:
+                    b.checksum = bucket_checksum(b.names, b.tensors)
+                refs.append(ray.put(b))
+        return refs
+
+    def buckets(self, which: str = "student") -> list[Bucket]:
+        """The same buckets, in-process (used by GPU transports and tests)."""
+        module, stage = self._source(which)
+        return list(iter_param_buckets(module, self._bucket_bytes(), stage))
+
+    def _source(self, which: str) -> tuple[torch.nn.Module, int]:
+        if which == "teacher":
+            if self.teacher is None:
+                raise ValueError("this trainer holds no teacher weights")
+            return self.teacher.model, 0
+        return self.module, self.cfg.train.zero_stage
+
+    def checksum(self, which: str = "student") -> str:
+        return model_checksum((n, t) for b in self.buckets(which) for n, t in zip(b.names, b.tensors, strict=True))
+
+    def state_dict_cpu(self, which: str = "student") -> dict[str, torch.Tensor]:
+        return {n: t for b in self.buckets(which) for n, t in zip(b.names, b.tensors, strict=True)}
+
+    # ------------------------------------------------------------ checkpoints
+    def save(self, path: str) -> None:
+        """Student (HF + safetensors), EMA teacher, and DeepSpeed optimizer/scheduler state under ``path``."""
+        root = Path(path)
+        student = self.state_dict_cpu("student")
+        if self.rank == 0:
+            self.module.save_pretrained(root / "student", state_dict=student, safe_serialization=True)
+            self.tokenizer.save_pretrained(root / "student")
+            if self.teacher is not None and self.teacher.owns_model:
+                self.teacher.model.save_pretrained(root / "teacher", safe_serialization=True)
+        self.engine.save_checkpoint(str(root / "deepspeed"), tag="state", client_state={"version": self.version})
+
+    def load(self, path: str) -> int:
+        from safetensors.torch import load_file
+
+        root = Path(path)
+        _, client = self.engine.load_checkpoint(
+            str(root / "deepspeed"), tag="state", load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+        self.version = int((client or {}).get("version", 0))
+        if self.teacher is not None and self.teacher.owns_model:
+            state: dict[str, torch.Tensor] = {}
+            for f in sorted((root / "teacher").glob("*.safetensors")):
+                state.update(load_file(str(f)))
+            missing, unexpected = self.teacher.model.load_state_dict(state, strict=False)
+            real_missing = [m for m in missing if m not in self._tied_names(self.teacher.model)]
+            if real_missing or unexpected:
+                raise RuntimeError(f"{root}/teacher: missing {real_missing[:5]}, unexpected {unexpected[:5]}")
+        return self.version
+
+    @staticmethod
+    def _tied_names(model: torch.nn.Module) -> set[str]:
+        kept = {n for n, _ in model.named_parameters()}
+        return {n for n, _ in model.named_parameters(remove_duplicate=False)} - kept

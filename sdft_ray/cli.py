@@ -1,0 +1,80 @@
+"""`sdft-ray` command line: train, eval, continual, bench, make-tiny.
+
+Every subcommand that runs a job takes ``--config FILE`` plus ``section.key=value`` overrides.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Any
+
+from sdft_ray.config import ConfigError, load_config
+
+
+def _job_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", help="YAML config (see configs/)")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides, applied after the file")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="sdft-ray", description=__doc__)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    _job_args(sub.add_parser("train", help="run an SDFT (or train.algo=sft) job"))
+    ev = sub.add_parser("eval", help="score a model on an eval set through the rollout actors")
+    _job_args(ev)
+    ev.add_argument("--data", help="eval file (default: data.eval)")
+    co = sub.add_parser("continual", help="train a sequence of tasks, scoring every task after every stage")
+    _job_args(co)
+    be = sub.add_parser("bench", help="measure throughput, stage times, overlap, sync time")
+    _job_args(be)
+    be.add_argument("--steps", type=int, default=4)
+    be.add_argument("--compare-sft", action="store_true", help="also run algo=sft and report the ratio")
+    be.add_argument("--compare-trl", action="store_true", help="also run TRL's SDFTTrainer (pip install trl)")
+    be.add_argument("--out", default="bench_results", help="folder for JSON + Markdown results")
+    mk = sub.add_parser("make-tiny", help="build a tiny model, tokenizer and datasets locally (no download)")
+    mk.add_argument("--out", default="tiny")
+    mk.add_argument("--size", default="tiny", choices=["tiny", "small"])
+    mk.add_argument("--pretrain-steps", type=int, default=0)
+    mk.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    try:
+        if args.cmd == "make-tiny":
+            from sdft_ray.testbed import make_tiny
+
+            _print(make_tiny(args.out, args.size, args.pretrain_steps, args.seed))
+            return 0
+        if args.cmd == "continual":
+            from sdft_ray.continual import run_continual
+
+            _print(run_continual(args.config, args.overrides))
+            return 0
+        cfg = load_config(args.config, args.overrides)
+        if args.cmd == "train":
+            from sdft_ray.driver import train
+
+            _print(train(cfg))
+        elif args.cmd == "eval":
+            from sdft_ray.evaluate import evaluate
+
+            _print(evaluate(cfg, args.data or cfg.data.eval))
+        elif args.cmd == "bench":
+            from sdft_ray.bench import run_bench
+
+            _print(run_bench(cfg, args.steps, args.compare_sft, args.compare_trl, args.out))
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _print(obj: Any) -> None:
+    print(json.dumps(obj, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,340 @@
+"""One config tree for a whole run: YAML file + ``key.sub=value`` overrides, validated before anything starts.
+
+Every field has the paper's default (see SDFT_SPEC.md) unless noted. Unknown keys are errors that name the
+nearest valid key, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config value or key is wrong; the message names the key."""
+
+
+@dataclass
+class ModelConfig:
+    path: str = ""  # HF hub name or local folder (save_pretrained layout)
+    tokenizer: str = ""  # defaults to `path`
+    dtype: str = "auto"  # auto = bf16 on GPU, fp32 on CPU
+    trust_remote_code: bool = False  # off unless asked: remote code runs with the job's privileges
+    gradient_checkpointing: bool = False
+    attn_implementation: str = ""  # "" = transformers' default (sdpa)
+
+
+@dataclass
+class DataConfig:
+    train: str = ""  # .json/.jsonl/.parquet file, a `save_to_disk` folder, or a hub dataset name
+    split: str = "train"
+    eval: str = ""  # optional held-out set in the same formats
+    max_prompt_length: int = 1024  # prompts are left-truncated to this many tokens
+    teacher_template: str = (
+        "\n{question}\n\nThis is an example for a response to the question:\n{demonstration}\n\n"
+        "Now answer with a response of your own, including the thinking process.\n"
+    )
+    system_prompt: str = ""  # prepended as a system message when the record has none
+    on_bad_record: str = "error"  # error | skip (skips are counted and logged)
+    max_records: int = 0  # 0 = all
+    shuffle: bool = True
+
+
+@dataclass
+class RolloutConfig:
+    backend: str = "hf"  # hf (transformers generate, CPU or GPU) | vllm (GPU)
+    num_engines: int = 1
+    tensor_parallel_size: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 512
+    num_rollouts: int = 1  # per prompt; the paper found more gives negligible gain
+    generate_from_teacher: bool = False  # off-policy variant: sample y from the teacher prompt
+    gpu_memory_utilization: float = 0.4
+    enable_sleep_mode: bool = True  # colocated vLLM frees GPU memory while the trainer runs
+    enforce_eager: bool = False
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    torch_threads: int = 1
+
+
+@dataclass
+class TeacherConfig:
+    kind: str = "ema"  # ema | frozen | student | external
+    ema_rate: float = 0.01  # teacher = (1 - a) * teacher + a * student after every optimizer step
+    placement: str = "auto"  # auto | colocated (inside the trainer) | separate (own actors)
+    num_actors: int = 1
+    external_url: str = ""  # OpenAI-compatible server for kind=external
+    external_model: str = ""
+    external_top_k: int = 20
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+
+
+@dataclass
+class LossConfig:
+    divergence: str = "forward_kl"  # forward_kl | reverse_kl | jsd
+    jsd_alpha: float = 0.5  # mixture weight; 0 = forward KL, 1 = reverse KL
+    estimator: str = "full"  # full | topk | sampled
+    top_k: int = 20
+    topk_support: str = "teacher"  # teacher | student
+    topk_tail: bool = True  # add a bucket for the probability mass outside the top-k
+    skip_first_tokens: int = 3
+    importance_clip: float = 2.0  # 0 disables the rollout/trainer importance correction
+
+
+@dataclass
+class TrainConfig:
+    algo: str = "sdft"  # sdft | sft
+    output_dir: str = "runs/sdft"
+    steps: int = 0  # 0 = derive from epochs
+    epochs: int = 1
+    batch_size: int = 32  # prompts per optimizer step
+    micro_batch_size: int = 4  # per trainer rank
+    lr: float = 2e-5
+    lr_scheduler: str = "cosine"  # cosine | constant
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    seed: int = 42
+    num_trainers: int = 1
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    torch_threads: int = 1
+    zero_stage: int = 0
+    offload_optimizer: bool = False
+    save_every: int = 0  # 0 = only at the end
+    keep_checkpoints: int = 2
+    resume: str = ""  # "" = fresh | auto = newest complete checkpoint | a checkpoint folder
+    max_bad_steps: int = 3  # abort after this many consecutive non-finite steps
+
+
+@dataclass
+class PipelineConfig:
+    max_staleness: int = 1  # 0 = strictly on-policy; k = rollouts may lag the trainer by k versions
+    sync_bucket_mb: int = 256
+    sync_timeout_s: float = 600.0
+    call_timeout_s: float = 1800.0  # any remote call that could hang
+    verify_weight_checksums: bool = False
+    max_actor_restarts: int = 2
+
+
+@dataclass
+class LoggingConfig:
+    wandb: str = "offline"  # offline | online | disabled
+    project: str = "sdft-ray"
+    run_name: str = ""
+    log_every: int = 1
+    progress_bar: bool = True
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0  # evaluate on data.eval every N steps (0 = only at the end, if data.eval is set)
+    scorer: str = "exact"  # exact | answer_tag | tool_use
+    max_new_tokens: int = 256
+    greedy: bool = True
+    num_samples: int = 1  # >1 enables pass@k with the unbiased estimator
+    max_examples: int = 0
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def teacher_colocated(self) -> bool:
+        """Full-vocab teacher logits are seq x vocab: they stay in the trainer process unless told otherwise."""
+        if self.teacher.placement == "auto":
+            return self.teacher.kind != "external" and self.loss.estimator == "full"
+        return self.teacher.placement == "colocated"
+
+
+_CHOICES = {
+    "model.dtype": ("auto", "float32", "bfloat16", "float16"),
+    "data.on_bad_record": ("error", "skip"),
+    "rollout.backend": ("hf", "vllm"),
+    "teacher.kind": ("ema", "frozen", "student", "external"),
+    "teacher.placement": ("auto", "colocated", "separate"),
+    "loss.divergence": ("forward_kl", "reverse_kl", "jsd"),
+    "loss.estimator": ("full", "topk", "sampled"),
+    "loss.topk_support": ("teacher", "student"),
+    "train.algo": ("sdft", "sft"),
+    "train.lr_scheduler": ("cosine", "constant"),
+    "logging.wandb": ("offline", "online", "disabled"),
+    "eval.scorer": ("exact", "answer_tag", "tool_use"),
+}
+
+
+def _convert(value: Any, typ: Any, key: str) -> Any:
+    origin = typing.get_origin(typ)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return tuple(_convert(v, t, key) for v, t in zip(value, typing.get_args(typ), strict=True))
+    if typ is bool:
+        if isinstance(value, str):
+            low = value.lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if typ in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        try:
+            out = typ(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected {typ.__name__}, got {value!r}") from None
+        if typ is int and isinstance(value, float) and value != out:
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return out
+    if typ is str:
+        if value is None:
+            return ""
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    raise ConfigError(f"{key}: unsupported type {typ}")
+
+
+def _apply(node: Any, updates: dict[str, Any], prefix: str) -> None:
+    hints = typing.get_type_hints(type(node))
+    names = [f.name for f in dataclasses.fields(node)]
+    for key, value in updates.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            near = difflib.get_close_matches(key, names, n=1, cutoff=0.5)
+            hint = f"; did you mean '{prefix}{near[0]}'?" if near else f"; valid keys: {', '.join(names)}"
+            raise ConfigError(f"unknown config key '{full}'{hint}")
+        current = getattr(node, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{full}: is a section; set its fields, e.g. {full}.{names[0]}=...")
+            _apply(current, value, f"{full}.")
+        else:
+            setattr(node, key, _convert(value, hints[key], full))
+
+
+def _nest(dotted: str, value: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    cur = out
+    parts = dotted.split(".")
+    for p in parts[:-1]:
+        cur = cur.setdefault(p, {})
+    cur[parts[-1]] = value
+    return out
+
+
+def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    for k, v in b.items():
+        if isinstance(v, dict) and isinstance(a.get(k), dict):
+            _merge(a[k], v)
+        else:
+            a[k] = v
+    return a
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Build a validated Config from an optional YAML file and ``key.sub=value`` overrides (applied last)."""
+    raw: dict[str, Any] = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        loaded = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: top level must be a mapping of sections")
+        raw = loaded
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like section.key=value")
+        key, _, text = item.partition("=")
+        # Overrides are typed by the dataclass, so the YAML parse only matters for lists.
+        raw = _merge(raw, _nest(key.strip(), text))
+    cfg = Config()
+    _apply(cfg, raw, "")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Reject configs that would fail later, with the key that is wrong."""
+    for key, allowed in _CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r}; choose one of {', '.join(allowed)}")
+
+    def need(cond: bool, msg: str) -> None:
+        if not cond:
+            raise ConfigError(msg)
+
+    t, lo, r, te, pl = cfg.train, cfg.loss, cfg.rollout, cfg.teacher, cfg.pipeline
+    need(bool(cfg.model.path), "model.path is required (a HF hub name or a local save_pretrained folder)")
+    need(bool(cfg.data.train), "data.train is required (json/jsonl/parquet file, save_to_disk folder or hub name)")
+    need(t.batch_size > 0 and t.micro_batch_size > 0, "train.batch_size and train.micro_batch_size must be > 0")
+    per_rank = t.batch_size * (r.num_rollouts if t.algo == "sdft" else 1)
+    need(
+        per_rank % (t.micro_batch_size * t.num_trainers) == 0,
+        f"train.batch_size ({t.batch_size}) x rollout.num_rollouts ({r.num_rollouts}) must be divisible by "
+        f"train.micro_batch_size ({t.micro_batch_size}) x train.num_trainers ({t.num_trainers})",
+    )
+    need(t.lr > 0, "train.lr must be > 0")
+    need(0.0 <= t.warmup_ratio < 1.0, "train.warmup_ratio must be in [0, 1)")
+    need(t.zero_stage in (0, 1, 2, 3), "train.zero_stage must be 0, 1, 2 or 3")
+    need(t.steps >= 0 and t.epochs >= 1, "train.steps must be >= 0 and train.epochs >= 1")
+    need(0.0 < te.ema_rate <= 1.0, "teacher.ema_rate must be in (0, 1]")
+    need(0.0 < lo.jsd_alpha < 1.0, "loss.jsd_alpha must be in (0, 1); use forward_kl/reverse_kl for 0/1")
+    need(lo.skip_first_tokens >= 0, "loss.skip_first_tokens must be >= 0")
+    need(lo.importance_clip >= 0, "loss.importance_clip must be >= 0 (0 disables the correction)")
+    need(lo.top_k > 0, "loss.top_k must be > 0")
+    if lo.estimator == "sampled":
+        need(lo.divergence == "reverse_kl", "loss.estimator=sampled is only defined for loss.divergence=reverse_kl")
+    if te.kind == "external":
+        need(bool(te.external_url), "teacher.kind=external needs teacher.external_url")
+        need(lo.estimator != "full", "teacher.kind=external only returns top-k logprobs: use loss.estimator=topk")
+        need(cfg.teacher.placement != "colocated", "teacher.kind=external cannot be colocated with the trainer")
+    if cfg.teacher_colocated is False and lo.estimator == "topk":
+        need(lo.topk_support == "teacher", "loss.topk_support=student needs the teacher colocated with the trainer")
+    if lo.estimator == "full" and cfg.teacher.placement == "separate":
+        raise ConfigError(
+            "loss.estimator=full with teacher.placement=separate would ship seq x vocab tensors between actors; "
+            "use teacher.placement=colocated (or auto) or loss.estimator=topk"
+        )
+    need(r.temperature > 0, "rollout.temperature must be > 0 (use eval.greedy for greedy decoding)")
+    need(0.0 < r.top_p <= 1.0, "rollout.top_p must be in (0, 1]")
+    need(r.max_new_tokens > 0 and r.num_engines >= 1 and r.num_rollouts >= 1, "rollout sizes must be >= 1")
+    need(pl.max_staleness >= 0, "pipeline.max_staleness must be >= 0")
+    need(pl.sync_bucket_mb > 0 and pl.sync_timeout_s > 0, "pipeline.sync_bucket_mb/sync_timeout_s must be > 0")
+    need(t.resume in ("", "auto") or Path(t.resume).is_dir(), f"train.resume: no checkpoint folder {t.resume!r}")
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    """Rebuild a Config inside an actor (the driver ships plain dicts, not dataclasses)."""
+    cfg = Config()
+    _apply(cfg, raw, "")
+    return cfg

@@ -1,0 +1,397 @@
+"""The driver: one controller wiring rollout, teacher and trainer actors into a pipelined SDFT loop.
+
+Per step (SDFT_SPEC.md): rollout (student samples y) -> teacher scores y under the demonstration prompt ->
+trainer takes the divergence loss and an optimizer step (+ EMA teacher) -> new weights go to the engines.
+Rollouts for the next ``pipeline.max_staleness`` steps are launched before the current step trains, so
+generation overlaps training; each sample carries the weight version it was generated with.
+Only ObjectRefs pass through here: completions go rollout -> trainer, weights trainer -> engines.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from sdft_ray import checkpoint as ckpt
+from sdft_ray.config import Config
+from sdft_ray.data import LoadReport, PromptSampler, load_examples, tokenize_examples
+from sdft_ray.ds_config import samples_per_step
+from sdft_ray.metrics import MetricsLogger
+from sdft_ray.modeling import load_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+class ActorFailure(RuntimeError):
+    """An actor died or a remote call timed out and the run cannot continue; the message says what to do."""
+
+
+def init_ray(num_cpus: int | None = None) -> None:
+    """Join the cluster of a `ray job submit` (RAY_ADDRESS) or start a private local one."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"])
+    else:
+        # Loopback only, no dashboard: a laptop run must not listen on the network.
+        ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1")
+
+
+@dataclass
+class ActorGroup:
+    """N actors of one role, restartable one by one."""
+
+    cls: Any
+    options: dict[str, Any]
+    args: tuple = ()
+    per_actor_args: list[tuple] = field(default_factory=list)
+    actors: list[Any] = field(default_factory=list)
+    restarts: int = 0
+
+    def start(self, n: int) -> ActorGroup:
+        import ray
+
+        remote_cls = ray.remote(self.cls)
+        self._remote = remote_cls
+        self.actors = [
+            remote_cls.options(**self.options).remote(*self.args, *(self.per_actor_args[i] if self.per_actor_args else ()))
+            for i in range(n)
+        ]
+        return self
+
+    def restart(self, i: int) -> Any:
+        import ray
+
+        ray.kill(self.actors[i], no_restart=True)
+        extra = self.per_actor_args[i] if self.per_actor_args else ()
+        self.actors[i] = self._remote.options(**self.options).remote(*self.args, *extra)
+        self.restarts += 1
+        return self.actors[i]
+
+    def dead(self, timeout: float = 30.0) -> list[int]:
+        import ray
+
+        out = []
+        for i, a in enumerate(self.actors):
+            try:
+                ray.get(a.pid.remote(), timeout=timeout)
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                out.append(i)
+        return out
+
+
+def _free_address() -> tuple[str, int]:
+    import ray
+
+    s = socket.socket()
+    s.bind(("", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return ray.util.get_node_ip_address(), port
+
+
+@dataclass
+class InFlight:
+    step: int
+    items: list[dict[str, Any]]
+    rollout_refs: list[Any]
+    teacher_refs: list[Any]
+
+
+class SDFTDriver:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.tokenizer = load_tokenizer(cfg.model)
+        self.report = LoadReport()
+        examples = load_examples(cfg.data, report=self.report)
+        self.data = tokenize_examples(examples, self.tokenizer, cfg.data, self.report)
+        if cfg.train.algo == "sft" and any(not d.demonstration_ids for d in self.data):
+            raise ValueError(f"{cfg.data.train}: train.algo=sft needs a demonstration in every record")
+        self.sampler = PromptSampler(len(self.data), cfg.train.batch_size, cfg.train.seed, cfg.data.shuffle)
+        t = cfg.train
+        self.total_steps = t.steps or t.epochs * self.sampler.steps_per_epoch()
+        self.step = 0
+        self.version = 0
+        self.pending_syncs: list[Any] = []
+        self.last_sync_s = 0.0
+
+    # ------------------------------------------------------------ actors
+    def start_actors(self) -> None:
+        import ray
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        from actors.rollout import RolloutWorker
+        from actors.teacher import TeacherWorker
+        from actors.trainer import StudentTrainer
+
+        cfg, raw = self.cfg, self.cfg.to_dict()
+        t, r, te = cfg.train, cfg.rollout, cfg.teacher
+        env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(t.torch_threads)}}
+        bundle = {"CPU": t.num_cpus, **({"GPU": t.num_gpus} if t.num_gpus else {})}
+        self.trainer_pg = placement_group([bundle] * t.num_trainers, strategy="PACK")
+        ray.get(self.trainer_pg.ready(), timeout=cfg.pipeline.call_timeout_s)
+
+        def in_bundle(i: int) -> dict[str, Any]:
+            return {
+                "num_cpus": t.num_cpus,
+                "num_gpus": t.num_gpus,
+                "runtime_env": env,
+                "scheduling_strategy": PlacementGroupSchedulingStrategy(self.trainer_pg, placement_group_bundle_index=i),
+            }
+
+        addr, port = ray.get(
+            ray.remote(num_cpus=0)(_free_address).options(**{**in_bundle(0), "num_cpus": 0, "num_gpus": 0}).remote()
+        )
+        trainer_cls = ray.remote(StudentTrainer)
+        self.trainers = [
+            trainer_cls.options(**in_bundle(i)).remote(raw, self.total_steps, i, t.num_trainers, addr, port)
+            for i in range(t.num_trainers)
+        ]
+        self.rollouts = None
+        if t.algo == "sdft" or cfg.data.eval:
+            opts = {"num_cpus": r.num_cpus, "num_gpus": r.num_gpus, "runtime_env": env}
+            self.rollouts = ActorGroup(RolloutWorker, opts, (raw,), [(i,) for i in range(r.num_engines)])
+            self.rollouts.start(r.num_engines)
+        self.teachers = None
+        if t.algo == "sdft" and not cfg.teacher_colocated:
+            opts = {"num_cpus": te.num_cpus, "num_gpus": te.num_gpus, "runtime_env": env}
+            self.teachers = ActorGroup(TeacherWorker, opts, (raw,)).start(te.num_actors)
+        # surface constructor errors (bad model path, DeepSpeed init) now, with the role named
+        self._get([a.pid.remote() for a in self.trainers], "trainer startup")
+        for group, name in ((self.rollouts, "rollout"), (self.teachers, "teacher")):
+            if group is not None:
+                self._get([a.pid.remote() for a in group.actors], f"{name} startup")
+
+    def shutdown(self) -> None:
+        import ray
+
+        for group in (self.rollouts, self.teachers):
+            for a in getattr(group, "actors", []) or []:
+                ray.kill(a)
+        for a in getattr(self, "trainers", []):
+            ray.kill(a)
+        if getattr(self, "trainer_pg", None) is not None:
+            ray.util.remove_placement_group(self.trainer_pg)
+
+    def _get(self, refs: Any, what: str, timeout: float | None = None) -> Any:
+        import ray
+
+        timeout = timeout or self.cfg.pipeline.call_timeout_s
+        try:
+            return ray.get(refs, timeout=timeout)
+        except ray.exceptions.GetTimeoutError:
+            raise ActorFailure(
+                f"{what}: no answer within {timeout:.0f}s (pipeline.call_timeout_s); the run stops instead of hanging"
+            ) from None
+
+    # ------------------------------------------------------------ weights
+    def sync_weights(self, targets: list[tuple[Any, str]] | None = None) -> None:
+        """Send the trainer's current weights to every rollout engine (and separate teacher).
+
+        Calls are queued on each actor behind rollouts already launched, which therefore keep the
+        older version: that is the bounded staleness, not a race.
+        """
+        p = self.cfg.pipeline
+        if targets is None:
+            targets = [(a, "student") for a in (self.rollouts.actors if self.rollouts else [])]
+            kind = self.cfg.teacher.kind
+            if self.teachers is not None and kind in ("ema", "student"):
+                targets += [(a, "teacher" if kind == "ema" else "student") for a in self.teachers.actors]
+        refs_by_source = {}
+        for _, which in targets:
+            if which not in refs_by_source:
+                calls = [tr.broadcast.remote(which) for tr in self.trainers]  # collective under ZeRO-3
+                refs_by_source[which] = calls[0]
+        t0 = time.perf_counter()
+        self.pending_syncs = [
+            a.update_weights.remote(refs_by_source[which], self.version, p.sync_timeout_s) for a, which in targets
+        ]
+        self._sync_t0 = t0
+
+    def wait_syncs(self) -> None:
+        if self.pending_syncs:
+            self._get(self.pending_syncs, "weight sync", self.cfg.pipeline.sync_timeout_s + self.cfg.pipeline.call_timeout_s)
+            self.pending_syncs = []
+
+    # ------------------------------------------------------------ rollouts
+    def make_items(self, step: int) -> list[dict[str, Any]]:
+        items = []
+        for j, idx in enumerate(self.sampler.batch(step)):
+            ex = self.data[idx]
+            for k in range(self.cfg.rollout.num_rollouts if self.cfg.train.algo == "sdft" else 1):
+                items.append(
+                    {
+                        "uid": f"{step}-{j}-{k}",
+                        "index": ex.index,
+                        "prompt_ids": ex.prompt_ids,
+                        "teacher_prompt_ids": ex.teacher_prompt_ids,
+                        "demonstration_ids": ex.demonstration_ids,
+                    }
+                )
+        return items
+
+    def launch(self, step: int, items: list[dict[str, Any]] | None = None) -> InFlight:
+        import ray
+
+        items = items or self.make_items(step)
+        if self.cfg.train.algo == "sft":
+            return InFlight(step, items, [ray.put(items)], [])
+        engines = self.rollouts.actors
+        # Equal shards: prompts have one rollout each and engines are identical, so the least-loaded
+        # assignment is an even split (engine e gets items e, e+n, ...).
+        shards = [items[e :: len(engines)] for e in range(len(engines))]
+        seed = self.cfg.train.seed * 1_000_003 + step
+        refs = [eng.generate.remote(s, seed * 131 + e) for e, (eng, s) in enumerate(zip(engines, shards, strict=True)) if s]
+        teacher_refs = []
+        if self.teachers is not None:
+            n = len(self.teachers.actors)
+            teacher_refs = [t.score.remote(refs[i::n]) for i, t in enumerate(self.teachers.actors) if refs[i::n]]
+        return InFlight(step, items, refs, teacher_refs)
+
+    # ------------------------------------------------------------ faults
+    def recover(self, batch_queue: deque[InFlight], err: Exception) -> None:
+        """A step failed: restart dead rollout/teacher actors, resend weights, relaunch in-flight rollouts."""
+        dead_trainers = [i for i, a in enumerate(self.trainers) if _is_dead(a)]
+        if dead_trainers:
+            raise ActorFailure(
+                f"trainer rank(s) {dead_trainers} died at step {self.step} ({type(err).__name__}). Trainer state is "
+                f"not replicated; rerun with train.resume=auto to continue from the last checkpoint."
+            ) from err
+        restarted = []
+        for group, name in ((self.rollouts, "rollout"), (self.teachers, "teacher")):
+            if group is None:
+                continue
+            for i in group.dead():
+                if group.restarts >= self.cfg.pipeline.max_actor_restarts:
+                    raise ActorFailure(
+                        f"{name} actor {i} died again after {group.restarts} restarts "
+                        f"(pipeline.max_actor_restarts); giving up"
+                    ) from err
+                group.restart(i)
+                restarted.append(f"{name}[{i}]")
+        if not restarted:
+            raise err
+        log.warning("restarted %s after %s; resending weights v%d", restarted, type(err).__name__, self.version)
+        self.logger.event("actor_restart", step=self.step, actors=restarted, error=str(err)[:500])
+        self.pending_syncs = []
+        self.sync_weights()
+        self.wait_syncs()
+        steps = [b.step for b in batch_queue]
+        batch_queue.clear()
+        for s in steps:
+            batch_queue.append(self.launch(s))
+
+    # ------------------------------------------------------------ checkpoints
+    def save(self) -> None:
+        tmp = ckpt.temp_dir(self.cfg.train.output_dir, self.step)
+        self._get([tr.save.remote(str(tmp)) for tr in self.trainers], "checkpoint save")
+        state = {"step": self.step, "version": self.version, "sampler_position": self.step,
+                 "total_steps": self.total_steps, "time": time.time()}
+        final = ckpt.finalize(tmp, self.step, state, self.cfg.train.keep_checkpoints)
+        self.logger.event("checkpoint", step=self.step, path=str(final))
+
+    def restore(self) -> None:
+        path = ckpt.resolve_resume(self.cfg.train.resume, self.cfg.train.output_dir)
+        if path is None:
+            return
+        state = ckpt.read_driver_state(path)
+        versions = self._get([tr.load.remote(str(path)) for tr in self.trainers], "checkpoint load")
+        self.step, self.version = int(state["step"]), int(versions[0])
+        log.warning("resumed from %s at step %d", path, self.step)
+
+    # ------------------------------------------------------------ the loop
+    def run(self) -> dict[str, Any]:
+        import ray
+
+        cfg = self.cfg
+        self.start_actors()
+        self.restore()
+        self.logger = MetricsLogger(cfg, self.total_steps, self.step)
+        self.logger.event("start", step=self.step, total_steps=self.total_steps, data=vars(self.report))
+        if self.rollouts is not None and (cfg.train.algo == "sdft" or self.step > 0):
+            self.sync_weights()  # engines load the base model; after a resume they need the restored weights
+        queue: deque[InFlight] = deque()
+        next_launch = self.step
+        t_start = time.perf_counter()
+        last: dict[str, Any] = {}
+        while self.step < self.total_steps:
+            t0 = time.perf_counter()
+            while len(queue) <= cfg.pipeline.max_staleness and next_launch < self.total_steps:
+                queue.append(self.launch(next_launch))
+                next_launch += 1
+            try:
+                self.wait_syncs()
+                batch = queue[0]
+                results = self._get(
+                    [tr.train_step.remote(batch.rollout_refs, batch.teacher_refs) for tr in self.trainers],
+                    f"train step {self.step}",
+                )
+            except (ray.exceptions.RayError, ActorFailure) as err:
+                if isinstance(err, ActorFailure) and "weight sync" not in str(err):
+                    raise
+                self.recover(queue, err)
+                continue
+            queue.popleft()
+            self.step += 1
+            self.version = results[0]["version"]
+            if self.rollouts is not None and cfg.train.algo == "sdft":
+                self.sync_weights()
+            last = self._step_metrics(results, time.perf_counter() - t0)
+            if self.step % cfg.logging.log_every == 0 or self.step == self.total_steps:
+                self.logger.log(self.step, last)
+            if cfg.train.save_every and self.step % cfg.train.save_every == 0 and self.step < self.total_steps:
+                self.save()
+        self.wait_syncs()
+        self.save()
+        summary = {"steps": self.step, "wall_s": time.perf_counter() - t_start, "last": last,
+                   "restarts": sum(g.restarts for g in (self.rollouts, self.teachers) if g is not None),
+                   "skipped_records": self.report.skipped}
+        if cfg.data.eval and self.rollouts is not None:
+            from sdft_ray.evaluate import evaluate_with_engines
+
+            self.sync_weights()
+            self.wait_syncs()
+            summary["eval"] = evaluate_with_engines(cfg, self.tokenizer, self.rollouts.actors, cfg.data.eval)
+            self.logger.log(self.step, {f"eval/{k}": v for k, v in summary["eval"].items() if not isinstance(v, list)})
+        self.logger.event("end", **{k: v for k, v in summary.items() if k != "last"})
+        self.logger.close()
+        return summary
+
+    def _step_metrics(self, results: list[dict[str, Any]], wall: float) -> dict[str, Any]:
+        m = dict(results[0])
+        if len(results) > 1:
+            for k in ("loss", "kl", "importance_weight", "lag_mean", "completion_len"):
+                m[k] = sum(r[k] for r in results) / len(results)
+            m["tokens"] = sum(r["tokens"] for r in results)
+        m["step_s"] = wall
+        m["tokens_per_s"] = m["tokens"] / max(wall, 1e-9)
+        m["samples"] = samples_per_step(self.cfg)
+        return m
+
+
+def _is_dead(actor: Any) -> bool:
+    import ray
+
+    try:
+        ray.get(actor.pid.remote(), timeout=30)
+        return False
+    except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+        return True
+
+
+def train(cfg: Config) -> dict[str, Any]:
+    """Run one training job end to end (starting Ray if needed); returns a summary."""
+    init_ray()
+    driver = SDFTDriver(cfg)
+    try:
+        return driver.run()
+    finally:
+        driver.shutdown()

@@ -1,0 +1,147 @@
+"""Evaluation: generation through the rollout actors, task scorers, and unbiased pass@k.
+
+Scorers (SDFT_SPEC.md): ``answer_tag`` (science: exact match of the text inside <answer>...</answer>),
+``tool_use`` (multiset of ``Action:`` names and merged ``Action Input:`` JSON must match), ``exact``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import Counter
+from typing import Any
+
+from sdft_ray.config import Config
+from sdft_ray.data import load_examples, tokenize_examples
+
+_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+_ACTION = re.compile(r"^\s*Action:\s*(.+?)\s*$", re.MULTILINE)
+_ACTION_INPUT = re.compile(r"^\s*Action Input:\s*(.+?)\s*$", re.MULTILINE)
+
+
+def _norm(s: str) -> str:
+    return " ".join(s.strip().split())
+
+
+def score_exact(pred: str, gold: str) -> bool:
+    return _norm(pred) == _norm(gold)
+
+
+def extract_answer(text: str) -> str | None:
+    found = _ANSWER.findall(text)
+    return _norm(found[-1]) if found else None
+
+
+def score_answer_tag(pred: str, gold: str) -> bool:
+    """Gold may be a bare answer or a full demonstration containing <answer> tags."""
+    p = extract_answer(pred)
+    g = extract_answer(gold)
+    return p is not None and p == (g if g is not None else _norm(gold))
+
+
+def parse_tool_calls(text: str) -> tuple[Counter, dict[str, Any]] | None:
+    """(multiset of action names, merged action inputs) or None if an Action Input is not valid JSON."""
+    actions = Counter(a.strip() for a in _ACTION.findall(text))
+    merged: dict[str, Any] = {}
+    for raw in _ACTION_INPUT.findall(text):
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            return None
+        if isinstance(value, dict):
+            merged.update(value)
+        else:
+            merged[f"_{len(merged)}"] = value
+    return actions, merged
+
+
+def score_tool_use(pred: str, gold: str) -> bool:
+    p, g = parse_tool_calls(pred), parse_tool_calls(gold)
+    return p is not None and g is not None and bool(g[0]) and p == g
+
+
+SCORERS = {"exact": score_exact, "answer_tag": score_answer_tag, "tool_use": score_tool_use}
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k (Chen et al. 2021): 1 - C(n-c, k) / C(n, k)."""
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+
+def evaluate_with_engines(cfg: Config, tokenizer: Any, engines: list[Any], source: str) -> dict[str, Any]:
+    """Generate for every eval example on the given rollout actors and score against the gold answers."""
+    import ray
+
+    e = cfg.eval
+    examples = load_examples(cfg.data, source)
+    if e.max_examples:
+        examples = examples[: e.max_examples]
+    data = tokenize_examples(examples, tokenizer, cfg.data)
+    n = max(1, e.num_samples)
+    items = [
+        {"uid": f"eval-{d.index}-{s}", "index": d.index, "prompt_ids": d.prompt_ids, "teacher_prompt_ids": d.teacher_prompt_ids}
+        for d in data
+        for s in range(n)
+    ]
+    greedy = e.greedy and n == 1
+    refs = [
+        eng.generate.remote(items[i :: len(engines)], cfg.train.seed + 7919 * i, greedy, e.max_new_tokens)
+        for i, eng in enumerate(engines)
+    ]
+    outs = [o for shard in ray.get(refs, timeout=cfg.pipeline.call_timeout_s) for o in shard]
+    scorer = SCORERS[e.scorer]
+    by_ex: dict[int, list[bool]] = {}
+    samples = []
+    gold_of = {d.index: (d.answer if d.answer is not None else d.demonstration) or "" for d in data}
+    for o in outs:
+        text = tokenizer.decode(o["completion_ids"], skip_special_tokens=True)
+        ok = scorer(text, gold_of[o["index"]])
+        by_ex.setdefault(o["index"], []).append(ok)
+        if len(samples) < 5:
+            samples.append({"index": o["index"], "output": text, "gold": gold_of[o["index"]], "correct": ok})
+    result: dict[str, Any] = {
+        "accuracy": sum(sum(v) / len(v) for v in by_ex.values()) / len(by_ex),
+        "examples": len(by_ex),
+        "samples": samples,
+    }
+    if n > 1:
+        for k in sorted({1, min(n, 5), n}):
+            result[f"pass@{k}"] = sum(pass_at_k(n, sum(v), k) for v in by_ex.values()) / len(by_ex)
+    return result
+
+
+def evaluate(cfg: Config, source: str, model_path: str | None = None) -> dict[str, Any]:
+    """Standalone eval job: start rollout actors on ``model_path`` (default model.path) and score."""
+    import ray
+
+    from actors.rollout import RolloutWorker
+    from sdft_ray.driver import init_ray
+    from sdft_ray.modeling import load_tokenizer
+
+    if not source:
+        raise ValueError("nothing to evaluate: pass --data or set data.eval")
+    init_ray()
+    if model_path:
+        cfg.model.path = model_path
+    r = cfg.rollout
+    actor = ray.remote(RolloutWorker).options(num_cpus=r.num_cpus, num_gpus=r.num_gpus)
+    engines = [actor.remote(cfg.to_dict(), i) for i in range(r.num_engines)]
+    try:
+        out = evaluate_with_engines(cfg, load_tokenizer(cfg.model), engines, source)
+    finally:
+        for eng in engines:
+            ray.kill(eng)
+    return out
+
+
+def run_lm_eval(model_path: str, tasks: list[str], limit: int | None = None) -> dict[str, Any]:
+    """Prior-capability benchmarks (HellaSwag, MMLU, ...) on a checkpoint via lm-eval-harness, if installed."""
+    try:
+        import lm_eval
+    except ImportError as e:
+        raise RuntimeError("lm-eval-harness is not installed: pip install 'sdft-ray[eval]'") from e
+    res = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={model_path}", tasks=tasks, limit=limit)
+    return res["results"]

@@ -1,0 +1,89 @@
+"""Metrics sinks: JSONL (always), wandb (offline by default, no account needed), and a progress bar."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from sdft_ray.config import Config
+
+# Never write credentials into logs or wandb configs.
+_SECRET = re.compile(r"(key|token|secret|password)", re.IGNORECASE)
+
+
+def redact(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: ("***" if _SECRET.search(k) and v else redact(v)) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [redact(v) for v in obj]
+    return obj
+
+
+class MetricsLogger:
+    def __init__(self, cfg: Config, total_steps: int, initial_step: int = 0, name: str = "metrics.jsonl") -> None:
+        self.out = Path(cfg.train.output_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        # append: a resumed run continues the same file instead of replacing what was logged before
+        self.file = open(self.out / name, "a", buffering=1)
+        self.wandb = None
+        if cfg.logging.wandb != "disabled":
+            import wandb
+
+            os.environ.setdefault("WANDB_SILENT", "true")
+            self.wandb = wandb.init(
+                project=cfg.logging.project,
+                name=cfg.logging.run_name or None,
+                mode=cfg.logging.wandb,
+                dir=str(self.out),
+                config=redact(cfg.to_dict()),
+                resume="allow",
+                id=_run_id(self.out),
+            )
+        self.bar = None
+        if cfg.logging.progress_bar:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=initial_step, desc=cfg.train.algo, dynamic_ncols=True)
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        row = {"step": step, **{k: _clean(v) for k, v in metrics.items()}}
+        self.file.write(json.dumps(row) + "\n")
+        if self.wandb is not None:
+            self.wandb.log(row, step=step)
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(
+                {k: f"{metrics[k]:.4g}" for k in ("loss", "kl", "tokens_per_s", "lag_mean") if k in metrics}
+            )
+
+    def event(self, kind: str, **fields: Any) -> None:
+        """Non-step records (restarts, skips, checkpoints): same file, marked by ``event``."""
+        self.file.write(json.dumps({"event": kind, **redact(fields)}) + "\n")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+        self.file.close()
+
+
+def _clean(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+def _run_id(out: Path) -> str:
+    f = out / ".wandb_run_id"
+    if f.exists():
+        return f.read_text().strip()
+    import uuid
+
+    rid = uuid.uuid4().hex[:8]
+    f.write_text(rid)
+    return rid
