@@ -28,7 +28,14 @@ class HFGenerator:
         self.device = device
 
     def generate(
-        self, prompts: list[list[int]], *, max_new_tokens: int, temperature: float, top_p: float, greedy: bool, seed: int
+        self,
+        prompts: list[list[int]],
+        *,
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        greedy: bool,
+        seed: int,
     ) -> list[tuple[list[int], list[float]]]:
         tok = self.tokenizer
         pad = tok.pad_token_id
@@ -123,11 +130,12 @@ class RolloutWorker:
             )
         return result
 
-    def update_weights(self, buckets: list[Any], version: int, timeout_s: float) -> int:
+    def update_weights(self, buckets: list[Any], version: int, timeout_s: float) -> dict[str, float]:
         """Load buckets (ObjectRefs on the CPU path) and adopt ``version``; loud error on timeout or mismatch."""
         import ray
 
         verify = self.cfg.pipeline.verify_weight_checksums
+        t0 = time.perf_counter()
         self.backend.wake()
         for ref in buckets:
             try:
@@ -138,7 +146,7 @@ class RolloutWorker:
                 ) from None
             self.backend.load_bucket(bucket, verify)
         self.version = version
-        return version
+        return {"version": version, "seconds": time.perf_counter() - t0}
 
     def checksum(self) -> str:
         return self.backend.checksum()

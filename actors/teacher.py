@@ -59,10 +59,10 @@ class TeacherScorer:
             if lo.estimator == "sampled":
                 ids = torch.tensor(it["completion_ids"], dtype=torch.long)
                 lp = F.log_softmax(row, -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
-                out.append({"index": it["index"], "logp_tok": lp})
+                out.append({"uid": it["uid"], "logp_tok": lp})
             else:
                 vals, idx = topk_logprobs(row, lo.top_k)
-                out.append({"index": it["index"], "logp_k": vals, "ids_k": idx})
+                out.append({"uid": it["uid"], "logp_k": vals, "ids_k": idx})
         return out
 
     @torch.no_grad()
@@ -121,7 +121,7 @@ class ExternalTeacher:
                 for j, (tok, info) in enumerate(entries):
                     ids[t, j] = int(str(tok).removeprefix("token_id:"))
                     vals[t, j] = float(info["logprob"])
-            out.append({"index": it["index"], "logp_k": vals, "ids_k": ids})
+            out.append({"uid": it["uid"], "logp_k": vals, "ids_k": ids})
         return out
 
 
@@ -146,13 +146,16 @@ class TeacherWorker:
         items = [it for shard in ray.get(list(rollout_shards)) for it in shard]
         return self.scorer.compact_scores(items)
 
-    def update_weights(self, buckets: list[Any], version: int, timeout_s: float) -> int:
+    def update_weights(self, buckets: list[Any], version: int, timeout_s: float) -> dict[str, float]:
+        import time
+
         import ray
 
+        t0 = time.perf_counter()
         for ref in buckets:
             self.scorer.load_bucket(ray.get(ref, timeout=timeout_s), self.cfg.pipeline.verify_weight_checksums)
         self.version = version
-        return version
+        return {"version": version, "seconds": time.perf_counter() - t0}
 
     def checksum(self) -> str:
         return self.scorer.checksum()

@@ -76,11 +76,9 @@ class StudentTrainer:
         ds_cfg = deepspeed_config(cfg, bf16)
         optimizer = None
         if not t.offload_optimizer:
-            optimizer = torch.optim.AdamW(
-                model.parameters(), lr=t.lr, betas=t.adam_betas, weight_decay=t.weight_decay
-            )
+            optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=t.adam_betas, weight_decay=t.weight_decay)
         self.total_steps = total_steps
-        sched = (lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total_steps)))
+        sched = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total_steps))
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model,
             optimizer=optimizer,
@@ -117,7 +115,9 @@ class StudentTrainer:
     def _micro_loss(self, mb: list[dict[str, Any]], teacher_rows: dict[Any, dict[str, Any]]) -> LossOutput:
         cfg, lo = self.cfg, self.cfg.loss
         if cfg.train.algo == "sft":
-            logits = completion_logits(self.module, [m["prompt_ids"] for m in mb], [m["demonstration_ids"] for m in mb], self.pad)
+            logits = completion_logits(
+                self.module, [m["prompt_ids"] for m in mb], [m["demonstration_ids"] for m in mb], self.pad
+            )
             ids, mask = pad_right([m["demonstration_ids"] for m in mb], self.pad)
             return sft_loss(logits, ids.to(logits.device), mask.to(logits.device))
         comps = [m["completion_ids"] for m in mb]
@@ -234,6 +234,7 @@ class StudentTrainer:
             "skipped_step": int(bad),
             "lag_mean": sum(lag) / max(1, len(lag)),
             "lag_max": max(lag) if lag else 0,
+            "rollout_s": max((it.get("rollout_s", 0.0) for it in mine), default=0.0),
             "teacher_s": self._timing["teacher_s"],
             "train_s": train_s,
             "ema_s": time.perf_counter() - t1,

@@ -61,7 +61,9 @@ class ActorGroup:
         remote_cls = ray.remote(self.cls)
         self._remote = remote_cls
         self.actors = [
-            remote_cls.options(**self.options).remote(*self.args, *(self.per_actor_args[i] if self.per_actor_args else ()))
+            remote_cls.options(**self.options).remote(
+                *self.args, *(self.per_actor_args[i] if self.per_actor_args else ())
+            )
             for i in range(n)
         ]
         return self
@@ -120,7 +122,9 @@ class SDFTDriver:
         self.step = 0
         self.version = 0
         self.pending_syncs: list[Any] = []
+        self.pending_checks: list[Any] = []
         self.last_sync_s = 0.0
+        self.weights_verified = 0
 
     # ------------------------------------------------------------ actors
     def start_actors(self) -> None:
@@ -144,7 +148,9 @@ class SDFTDriver:
                 "num_cpus": t.num_cpus,
                 "num_gpus": t.num_gpus,
                 "runtime_env": env,
-                "scheduling_strategy": PlacementGroupSchedulingStrategy(self.trainer_pg, placement_group_bundle_index=i),
+                "scheduling_strategy": PlacementGroupSchedulingStrategy(
+                    self.trainer_pg, placement_group_bundle_index=i
+                ),
             }
 
         addr, port = ray.get(
@@ -205,21 +211,35 @@ class SDFTDriver:
             kind = self.cfg.teacher.kind
             if self.teachers is not None and kind in ("ema", "student"):
                 targets += [(a, "teacher" if kind == "ema" else "student") for a in self.teachers.actors]
-        refs_by_source = {}
+        refs_by_source, expected = {}, {}
         for _, which in targets:
             if which not in refs_by_source:
                 calls = [tr.broadcast.remote(which) for tr in self.trainers]  # collective under ZeRO-3
                 refs_by_source[which] = calls[0]
-        t0 = time.perf_counter()
+                if p.verify_weight_checksums:
+                    expected[which] = [tr.checksum.remote(which) for tr in self.trainers][0]
         self.pending_syncs = [
             a.update_weights.remote(refs_by_source[which], self.version, p.sync_timeout_s) for a, which in targets
         ]
-        self._sync_t0 = t0
+        # queued behind the update on each actor, so it reads the weights just received
+        self.pending_checks = [(a.checksum.remote(), expected[which], a) for a, which in targets if expected]
 
     def wait_syncs(self) -> None:
-        if self.pending_syncs:
-            self._get(self.pending_syncs, "weight sync", self.cfg.pipeline.sync_timeout_s + self.cfg.pipeline.call_timeout_s)
-            self.pending_syncs = []
+        """Block until the last sync landed; with verify_weight_checksums, prove receivers equal the trainer."""
+        from sdft_ray.weight_sync import WeightSyncError
+
+        if not self.pending_syncs:
+            return
+        p = self.cfg.pipeline
+        done = self._get(self.pending_syncs, "weight sync", p.sync_timeout_s + p.call_timeout_s)
+        self.last_sync_s = max(d["seconds"] for d in done)
+        self.pending_syncs = []
+        for got, want, actor in getattr(self, "pending_checks", []):
+            got, want = self._get([got, want], "weight checksum")
+            if got != want:
+                raise WeightSyncError(f"weights at {actor} differ from the trainer's after sync v{self.version}")
+            self.weights_verified += 1
+        self.pending_checks = []
 
     # ------------------------------------------------------------ rollouts
     def make_items(self, step: int) -> list[dict[str, Any]]:
@@ -249,7 +269,9 @@ class SDFTDriver:
         # assignment is an even split (engine e gets items e, e+n, ...).
         shards = [items[e :: len(engines)] for e in range(len(engines))]
         seed = self.cfg.train.seed * 1_000_003 + step
-        refs = [eng.generate.remote(s, seed * 131 + e) for e, (eng, s) in enumerate(zip(engines, shards, strict=True)) if s]
+        refs = [
+            eng.generate.remote(s, seed * 131 + e) for e, (eng, s) in enumerate(zip(engines, shards, strict=True)) if s
+        ]
         teacher_refs = []
         if self.teachers is not None:
             n = len(self.teachers.actors)
@@ -281,7 +303,7 @@ class SDFTDriver:
             raise err
         log.warning("restarted %s after %s; resending weights v%d", restarted, type(err).__name__, self.version)
         self.logger.event("actor_restart", step=self.step, actors=restarted, error=str(err)[:500])
-        self.pending_syncs = []
+        self.pending_syncs, self.pending_checks = [], []
         self.sync_weights()
         self.wait_syncs()
         steps = [b.step for b in batch_queue]
@@ -293,8 +315,13 @@ class SDFTDriver:
     def save(self) -> None:
         tmp = ckpt.temp_dir(self.cfg.train.output_dir, self.step)
         self._get([tr.save.remote(str(tmp)) for tr in self.trainers], "checkpoint save")
-        state = {"step": self.step, "version": self.version, "sampler_position": self.step,
-                 "total_steps": self.total_steps, "time": time.time()}
+        state = {
+            "step": self.step,
+            "version": self.version,
+            "sampler_position": self.step,
+            "total_steps": self.total_steps,
+            "time": time.time(),
+        }
         final = ckpt.finalize(tmp, self.step, state, self.cfg.train.keep_checkpoints)
         self.logger.event("checkpoint", step=self.step, path=str(final))
 
@@ -351,9 +378,14 @@ class SDFTDriver:
                 self.save()
         self.wait_syncs()
         self.save()
-        summary = {"steps": self.step, "wall_s": time.perf_counter() - t_start, "last": last,
-                   "restarts": sum(g.restarts for g in (self.rollouts, self.teachers) if g is not None),
-                   "skipped_records": self.report.skipped}
+        summary = {
+            "steps": self.step,
+            "wall_s": time.perf_counter() - t_start,
+            "last": last,
+            "restarts": sum(g.restarts for g in (self.rollouts, self.teachers) if g is not None),
+            "skipped_records": self.report.skipped,
+            "weights_verified": self.weights_verified,
+        }
         if cfg.data.eval and self.rollouts is not None:
             from sdft_ray.evaluate import evaluate_with_engines
 
@@ -372,6 +404,8 @@ class SDFTDriver:
                 m[k] = sum(r[k] for r in results) / len(results)
             m["tokens"] = sum(r["tokens"] for r in results)
         m["step_s"] = wall
+        m["weight_sync_s"] = self.last_sync_s  # the sync that fed this step's rollouts
+        m["weights_verified"] = self.weights_verified
         m["tokens_per_s"] = m["tokens"] / max(wall, 1e-9)
         m["samples"] = samples_per_step(self.cfg)
         return m

@@ -82,7 +82,12 @@ def evaluate_with_engines(cfg: Config, tokenizer: Any, engines: list[Any], sourc
     data = tokenize_examples(examples, tokenizer, cfg.data)
     n = max(1, e.num_samples)
     items = [
-        {"uid": f"eval-{d.index}-{s}", "index": d.index, "prompt_ids": d.prompt_ids, "teacher_prompt_ids": d.teacher_prompt_ids}
+        {
+            "uid": f"eval-{d.index}-{s}",
+            "index": d.index,
+            "prompt_ids": d.prompt_ids,
+            "teacher_prompt_ids": d.teacher_prompt_ids,
+        }
         for d in data
         for s in range(n)
     ]

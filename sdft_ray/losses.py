@@ -48,9 +48,7 @@ def full_vocab_divergence(
     student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind: str, alpha: float = 0.5
 ) -> torch.Tensor:
     """[B, T, V] logits -> [B, T] divergence over the full vocabulary (float32 math)."""
-    return divergence(
-        F.log_softmax(student_logits.float(), -1), F.log_softmax(teacher_logits.float(), -1), kind, alpha
-    )
+    return divergence(F.log_softmax(student_logits.float(), -1), F.log_softmax(teacher_logits.float(), -1), kind, alpha)
 
 
 def topk_logprobs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -157,9 +155,7 @@ def sdft_loss(
     sampled tokens, matching ``estimator``.
     """
     mask = loss_mask(completion_mask, skip_first)
-    student_logp_tok = (
-        F.log_softmax(student_logits.float(), -1).gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
-    )
+    student_logp_tok = F.log_softmax(student_logits.float(), -1).gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
     if estimator == "full":
         if teacher_logits is None:
             raise ValueError("estimator=full needs teacher_logits")
@@ -171,9 +167,7 @@ def sdft_loss(
             src = student_logits if topk_support == "student" else teacher_logits
             teacher_support = src.detach().topk(min(top_k, src.shape[-1]), -1).indices
             teacher_logp_k = F.log_softmax(teacher_logits.float(), -1).gather(-1, teacher_support)
-        per_token = topk_divergence(
-            student_logits, teacher_logp_k, teacher_support, divergence_kind, alpha, topk_tail
-        )
+        per_token = topk_divergence(student_logits, teacher_logp_k, teacher_support, divergence_kind, alpha, topk_tail)
     elif estimator == "sampled":
         if divergence_kind != "reverse_kl":
             raise ValueError("the sampled-token estimator is only defined for reverse KL")

@@ -141,8 +141,15 @@ def _pretrain_texts(tok: Any, n: int, seed: int, tasks: list[str], data_cfg: Dat
     return out
 
 
-def pretrain(model_dir: Path, steps: int, seed: int = 0, batch_size: int = 32, lr: float = 3e-3,
-             tasks: list[str] | None = None, log: Callable[[str], None] = print) -> list[float]:
+def pretrain(
+    model_dir: Path,
+    steps: int,
+    seed: int = 0,
+    batch_size: int = 32,
+    lr: float = 3e-3,
+    tasks: list[str] | None = None,
+    log: Callable[[str], None] = print,
+) -> list[float]:
     """Plain next-token pretraining of the tiny model on old tasks + in-context following (answer tokens only)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -179,8 +186,15 @@ def pretrain(model_dir: Path, steps: int, seed: int = 0, batch_size: int = 32, l
     return losses
 
 
-def make_tiny(out: str | Path, size: str = "tiny", pretrain_steps: int = 0, seed: int = 0,
-              train_task: str = "shift", n_train: int = 256, n_eval: int = 64) -> dict[str, str]:
+def make_tiny(
+    out: str | Path,
+    size: str = "tiny",
+    pretrain_steps: int = 0,
+    seed: int = 0,
+    train_task: str = "shift",
+    n_train: int = 256,
+    n_eval: int = 64,
+) -> dict[str, str]:
     """Create model + tokenizer + datasets under ``out``; returns the paths. No network needed."""
     out = Path(out)
     model_dir = out / "model"
@@ -191,6 +205,8 @@ def make_tiny(out: str | Path, size: str = "tiny", pretrain_steps: int = 0, seed
     paths = {"model": str(model_dir)}
     for t in TASKS:
         write_jsonl(task_records(t, n_eval, seed + 1000), out / "data" / f"{t}_eval.jsonl")
-    paths["train"] = str(write_jsonl(task_records(train_task, n_train, seed), out / "data" / f"{train_task}_train.jsonl"))
+    paths["train"] = str(
+        write_jsonl(task_records(train_task, n_train, seed), out / "data" / f"{train_task}_train.jsonl")
+    )
     paths["eval"] = str(out / "data" / f"{train_task}_eval.jsonl")
     return paths

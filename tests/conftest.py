@@ -1,0 +1,53 @@
+"""Shared fixtures: a tiny model + tokenizer + datasets built locally, and a real local Ray cluster."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """A random-init tiny Llama + char tokenizer + task datasets, saved and loaded like a user's model."""
+    from sdft_ray.testbed import make_tiny
+
+    return make_tiny(tmp_path_factory.mktemp("tiny"), n_train=64, n_eval=16)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def tiny_overrides(tiny: dict[str, str], out: Path, **extra: object) -> list[str]:
+    """Overrides that make the tiny config fit 2 CPUs and finish in seconds."""
+    base = {
+        "model.path": tiny["model"],
+        "data.train": tiny["train"],
+        "data.eval": "",
+        "data.max_prompt_length": 256,
+        "rollout.max_new_tokens": 8,
+        "rollout.num_cpus": 0.5,
+        "teacher.num_cpus": 0.5,
+        "train.num_cpus": 0.5,
+        "train.output_dir": str(out),
+        "train.batch_size": 4,
+        "train.micro_batch_size": 2,
+        "train.steps": 3,
+        "train.lr": 1e-3,
+        "pipeline.sync_bucket_mb": 1,
+        "pipeline.call_timeout_s": 300,
+        "logging.wandb": "disabled",
+        "logging.progress_bar": False,
+    }
+    base.update({k.replace("__", "."): v for k, v in extra.items()})
+    return [f"{k}={v}" for k, v in base.items()]

@@ -1,0 +1,59 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sdft_ray.config import ConfigError, load_config
+
+REQ = ["model.path=m", "data.train=d.jsonl"]
+
+
+def test_defaults_are_the_papers() -> None:
+    cfg = load_config(None, REQ)
+    assert cfg.loss.divergence == "forward_kl" and cfg.loss.estimator == "full"
+    assert cfg.loss.skip_first_tokens == 3 and cfg.loss.importance_clip == 2.0
+    assert cfg.teacher.kind == "ema" and cfg.teacher.ema_rate == 0.01
+    assert cfg.train.lr == 2e-5 and cfg.train.batch_size == 32 and cfg.train.max_grad_norm == 1.0
+    assert cfg.rollout.temperature == 1.0 and cfg.rollout.top_p == 1.0 and cfg.rollout.num_rollouts == 1
+    assert cfg.data.max_prompt_length == 1024 and cfg.teacher_colocated
+    assert not cfg.model.trust_remote_code
+
+
+def test_yaml_then_overrides(tmp_path: Path) -> None:
+    f = tmp_path / "c.yaml"
+    f.write_text("model: {path: a}\ndata: {train: b.jsonl}\ntrain: {lr: 1.0e-4, adam_betas: [0.9, 0.95]}\n")
+    cfg = load_config(f, ["train.lr=3e-4", "loss.divergence=reverse_kl", "model.trust_remote_code=true"])
+    assert cfg.train.lr == 3e-4 and cfg.train.adam_betas == (0.9, 0.95)
+    assert cfg.loss.divergence == "reverse_kl" and cfg.model.trust_remote_code is True
+
+
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        ("train.lrr=1", "did you mean 'train.lr'"),
+        ("trian.lr=1", "did you mean 'train'"),
+        ("loss.divergence=kl", "loss.divergence='kl'; choose one of"),
+        ("train.batch_size=abc", "train.batch_size: expected int"),
+        ("train.batch_size=30", "must be divisible"),
+        ("loss.estimator=sampled", "only defined for loss.divergence=reverse_kl"),
+        ("loss.jsd_alpha=1.0", "loss.jsd_alpha must be in (0, 1)"),
+        ("teacher.kind=external", "teacher.external_url"),
+        ("train.resume=/nope", "no checkpoint folder"),
+        ("teacher.placement=separate", "seq x vocab"),
+    ],
+)
+def test_bad_values_name_the_key(override: str, needle: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [*REQ, override])
+    assert needle in str(e.value)
+
+
+def test_required_fields() -> None:
+    with pytest.raises(ConfigError, match="model.path is required"):
+        load_config(None, [])
+
+
+def test_shipped_configs_validate(tmp_path: Path) -> None:
+    for f in sorted(Path("configs").glob("*.yaml")):
+        load_config(f)
