@@ -21,7 +21,7 @@ def _softmax(row: list[float]) -> list[float]:
 
 
 def _kl(p: list, q: list):
-    return sum(pi * (torch.log(pi) - torch.log(qi)) for pi, qi in zip(p, q))
+    return sum(pi * (torch.log(pi) - torch.log(qi)) for pi, qi in zip(p, q, strict=True))
 
 
 def _ref_divergence(p: list, q: list, kind: str, alpha: float):
@@ -30,7 +30,7 @@ def _ref_divergence(p: list, q: list, kind: str, alpha: float):
         return _kl(q, p)
     if kind == "reverse_kl":
         return _kl(p, q)
-    m = [(1 - alpha) * pi + alpha * qi for pi, qi in zip(p, q)]
+    m = [(1 - alpha) * pi + alpha * qi for pi, qi in zip(p, q, strict=True)]
     return alpha * _kl(q, m) + (1 - alpha) * _kl(p, m)
 
 
