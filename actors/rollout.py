@@ -81,7 +81,7 @@ class HFGenerator:
     def sleep(self) -> None:  # nothing to free: HF keeps no KV cache between calls
         pass
 
-    def wake(self) -> None:
+    def wake(self, tags: tuple[str, ...] = ()) -> None:
         pass
 
 
@@ -123,6 +123,8 @@ class RolloutWorker:
             seed=seed,
         )
         dt = time.perf_counter() - t0
+        if self.cfg.weight_transport == "ipc":
+            self.backend.sleep()  # colocated on the trainer's GPU: give it the memory until the next sync
         result = []
         for it, (toks, lps) in zip(items, outs, strict=True):
             result.append(
@@ -147,6 +149,30 @@ class RolloutWorker:
             self.backend.load_bucket(bucket, verify)
         self.version = version
         return {"version": version, "seconds": time.perf_counter() - t0}
+
+    def init_weight_group(self, host: str, port: int, rank_offset: int, world_size: int) -> None:
+        self.backend.init_nccl(host, port, rank_offset, world_size)
+
+    def receive_nccl(
+        self, plan: list[list[tuple[str, torch.dtype, tuple[int, ...]]]], version: int
+    ) -> dict[str, float]:
+        """Receive every bucket of ``plan`` from the trainer's NCCL broadcast (runs concurrently with send)."""
+        from actors.vllm_engine import plan_nbytes
+
+        t0 = time.perf_counter()
+        self.backend.wake()
+        for meta in plan:
+            self.backend.recv_nccl(meta, plan_nbytes(meta))
+        self.version = version
+        return {"version": version, "seconds": time.perf_counter() - t0}
+
+    def receive_ipc(self, handles: dict[str, Any], meta: list[tuple[str, torch.dtype, tuple[int, ...]]]) -> None:
+        self.backend.wake()
+        self.backend.recv_ipc(handles, meta)
+
+    def set_version(self, version: int) -> int:
+        self.version = version
+        return version
 
     def checksum(self) -> str:
         return self.backend.checksum()

@@ -101,6 +101,11 @@ class StudentTrainer:
     def pid(self) -> int:
         return os.getpid()
 
+    def free_address(self) -> tuple[str, int]:
+        from sdft_ray.driver import _free_address
+
+        return _free_address()
+
     @property
     def module(self) -> torch.nn.Module:
         return self.engine.module
@@ -271,6 +276,51 @@ class StudentTrainer:
                     b.checksum = bucket_checksum(b.names, b.tensors)
                 refs.append(ray.put(b))
         return refs
+
+    # GPU transports (vLLM engines): NCCL broadcast or CUDA IPC, one flat buffer per bucket
+    def sync_plan(self, which: str = "student") -> list[list[tuple[str, torch.dtype, tuple[int, ...]]]]:
+        """Bucket layout (names, dtypes, full shapes) without gathering: engines allocate before the send."""
+        module, _ = self._source(which)
+        plan, cur, size, limit = [], [], 0, self._bucket_bytes()
+        for name, p in module.named_parameters():
+            shape = tuple(p.ds_shape) if hasattr(p, "ds_shape") else tuple(p.shape)
+            n = torch.Size(shape).numel() * p.element_size()
+            if cur and size + n > limit:
+                plan.append(cur)
+                cur, size = [], 0
+            cur.append((name, p.dtype, shape))
+            size += n
+        return plan + ([cur] if cur else [])
+
+    def init_weight_group(self, host: str, port: int, world_size: int) -> None:
+        from actors.vllm_engine import TrainerSender
+
+        self._sender = TrainerSender()
+        if self.rank == 0:
+            self._sender.init_nccl(host, port, world_size)
+
+    def send_nccl(self, which: str = "student") -> float:
+        t0 = time.perf_counter()
+        module, stage = self._source(which)
+        for b in iter_param_buckets(module, self._bucket_bytes(), stage, to_cpu=False):
+            if self.rank == 0:
+                self._sender.send_nccl(b)
+        return time.perf_counter() - t0
+
+    def ipc_bucket(self, i: int, which: str = "student") -> dict[str, Any]:
+        """CUDA IPC handle of bucket ``i`` packed on this GPU; kept alive until the next call or ipc_done."""
+        from actors.vllm_engine import TrainerSender, pack
+
+        if i == 0:  # one pass over the buckets per sync; only the current one is materialized
+            module, stage = self._source(which)
+            self._ipc_iter = iter_param_buckets(module, self._bucket_bytes(), stage, to_cpu=False)
+        bucket = next(self._ipc_iter)
+        self._ipc_flat = pack(bucket.tensors)
+        torch.cuda.synchronize()
+        return TrainerSender.ipc_handles(self._ipc_flat)
+
+    def ipc_done(self) -> None:
+        self._ipc_flat, self._ipc_iter = None, None
 
     def buckets(self, which: str = "student") -> list[Bucket]:
         """The same buckets, in-process (used by GPU transports and tests)."""

@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import shlex
 import sys
 from typing import Any
 
@@ -40,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     mk.add_argument("--pretrain-steps", type=int, default=0)
     mk.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if hasattr(args, "overrides"):
+        # SDFT_OVERRIDES (e.g. forwarded by launch/submit.sh) comes first, so the command line still wins
+        args.overrides = shlex.split(os.environ.get("SDFT_OVERRIDES", "")) + args.overrides
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     try:

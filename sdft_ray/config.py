@@ -120,6 +120,7 @@ class TrainConfig:
 class PipelineConfig:
     max_staleness: int = 1  # 0 = strictly on-policy; k = rollouts may lag the trainer by k versions
     sync_bucket_mb: int = 256
+    weight_transport: str = "auto"  # auto | object_store | nccl | ipc (auto: ipc colocated, nccl split, store on CPU)
     sync_timeout_s: float = 600.0
     call_timeout_s: float = 1800.0  # any remote call that could hang
     verify_weight_checksums: bool = False
@@ -157,6 +158,16 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
+    @property
+    def weight_transport(self) -> str:
+        """How weights reach the engines: the object store on CPU, CUDA IPC on a shared GPU, NCCL otherwise."""
+        if self.pipeline.weight_transport != "auto":
+            return self.pipeline.weight_transport
+        if self.rollout.backend != "vllm":
+            return "object_store"
+        shared_gpu = 0 < self.rollout.num_gpus < 1 and 0 < self.train.num_gpus < 1
+        return "ipc" if shared_gpu else "nccl"
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -173,6 +184,7 @@ _CHOICES = {
     "data.on_bad_record": ("error", "skip"),
     "rollout.backend": ("hf", "vllm"),
     "teacher.kind": ("ema", "frozen", "student", "external"),
+    "pipeline.weight_transport": ("auto", "object_store", "nccl", "ipc"),
     "teacher.placement": ("auto", "colocated", "separate"),
     "loss.divergence": ("forward_kl", "reverse_kl", "jsd"),
     "loss.estimator": ("full", "topk", "sampled"),
@@ -325,6 +337,8 @@ def validate(cfg: Config) -> None:
             "loss.estimator=full with teacher.placement=separate would ship seq x vocab tensors between actors; "
             "use teacher.placement=colocated (or auto) or loss.estimator=topk"
         )
+    if cfg.weight_transport in ("nccl", "ipc"):
+        need(r.backend == "vllm", f"pipeline.weight_transport={cfg.weight_transport} needs rollout.backend=vllm")
     need(r.temperature > 0, "rollout.temperature must be > 0 (use eval.greedy for greedy decoding)")
     need(0.0 < r.top_p <= 1.0, "rollout.top_p must be in (0, 1]")
     need(r.max_new_tokens > 0 and r.num_engines >= 1 and r.num_rollouts >= 1, "rollout sizes must be >= 1")

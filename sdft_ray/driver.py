@@ -170,6 +170,8 @@ class SDFTDriver:
         if t.algo == "sdft" and not cfg.teacher_colocated:
             opts = {"num_cpus": te.num_cpus, "num_gpus": te.num_gpus, "runtime_env": env}
             self.teachers = ActorGroup(TeacherWorker, opts, (raw,)).start(te.num_actors)
+        if cfg.weight_transport == "nccl" and self.rollouts is not None:
+            self._init_gpu_weight_group()
         # surface constructor errors (bad model path, DeepSpeed init) now, with the role named
         self._get([a.pid.remote() for a in self.trainers], "trainer startup")
         for group, name in ((self.rollouts, "rollout"), (self.teachers, "teacher")):
@@ -211,6 +213,13 @@ class SDFTDriver:
             kind = self.cfg.teacher.kind
             if self.teachers is not None and kind in ("ema", "student"):
                 targets += [(a, "teacher" if kind == "ema" else "student") for a in self.teachers.actors]
+        gpu = self.cfg.weight_transport in ("nccl", "ipc") and self.rollouts is not None
+        if gpu:
+            engines = set(self.rollouts.actors)
+            self._sync_engines_gpu([a for a, _ in targets if a in engines])
+            targets = [(a, w) for a, w in targets if a not in engines]  # separate teachers: object store
+            if not targets:
+                return
         refs_by_source, expected = {}, {}
         for _, which in targets:
             if which not in refs_by_source:
@@ -224,6 +233,42 @@ class SDFTDriver:
         # queued behind the update on each actor, so it reads the weights just received
         self.pending_checks = [(a.checksum.remote(), expected[which], a) for a, which in targets if expected]
 
+    def _sync_engines_gpu(self, engines: list[Any]) -> None:
+        """vLLM engines: NCCL broadcast (engines receive while the trainer sends) or CUDA IPC bucket by bucket."""
+        import ray
+
+        if not hasattr(self, "_plan"):
+            self._plan = self._get(self.trainers[0].sync_plan.remote(), "sync plan")
+        if self.cfg.weight_transport == "nccl":
+            sends = [tr.send_nccl.remote() for tr in self.trainers]
+            self.pending_syncs += [e.receive_nccl.remote(self._plan, self.version) for e in engines]
+            self.pending_sends = sends
+            return
+        t0 = time.perf_counter()
+        for i, meta in enumerate(self._plan):
+            handles = [tr.ipc_bucket.remote(i) for tr in self.trainers][0]
+            self._get(
+                [e.receive_ipc.remote(handles, meta) for e in engines],
+                "ipc weight sync",
+                self.cfg.pipeline.sync_timeout_s,
+            )
+        ray.get([tr.ipc_done.remote() for tr in self.trainers])
+        self._get([e.set_version.remote(self.version) for e in engines], "ipc weight sync")
+        self.last_sync_s = time.perf_counter() - t0
+
+    def _init_gpu_weight_group(self) -> None:
+        import ray
+
+        r = self.cfg.rollout
+        world = 1 + r.num_engines * r.tensor_parallel_size
+        host, port = ray.get(self.trainers[0].free_address.remote())
+        refs = [tr.init_weight_group.remote(host, port, world) for tr in self.trainers]
+        refs += [
+            e.init_weight_group.remote(host, port, 1 + i * r.tensor_parallel_size, world)
+            for i, e in enumerate(self.rollouts.actors)
+        ]
+        self._get(refs, "NCCL weight group setup", self.cfg.pipeline.sync_timeout_s)
+
     def wait_syncs(self) -> None:
         """Block until the last sync landed; with verify_weight_checksums, prove receivers equal the trainer."""
         from sdft_ray.weight_sync import WeightSyncError
@@ -232,6 +277,9 @@ class SDFTDriver:
             return
         p = self.cfg.pipeline
         done = self._get(self.pending_syncs, "weight sync", p.sync_timeout_s + p.call_timeout_s)
+        if getattr(self, "pending_sends", None):
+            self._get(self.pending_sends, "weight send", p.sync_timeout_s)
+            self.pending_sends = []
         self.last_sync_s = max(d["seconds"] for d in done)
         self.pending_syncs = []
         for got, want, actor in getattr(self, "pending_checks", []):
@@ -342,7 +390,10 @@ class SDFTDriver:
         self.start_actors()
         self.restore()
         self.logger = MetricsLogger(cfg, self.total_steps, self.step)
-        self.logger.event("start", step=self.step, total_steps=self.total_steps, data=vars(self.report))
+        forwarded = sorted(k for k in os.environ if k.startswith(("WANDB_", "HF_", "NCCL_", "SDFT_")))
+        self.logger.event(
+            "start", step=self.step, total_steps=self.total_steps, data=vars(self.report), env_names=forwarded
+        )
         if self.rollouts is not None and (cfg.train.algo == "sdft" or self.step > 0):
             self.sync_weights()  # engines load the base model; after a resume they need the restored weights
         queue: deque[InFlight] = deque()

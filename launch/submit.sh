@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Submit a training job to a running cluster:
+#   launch/submit.sh configs/multi_node.yaml train.lr=1e-5
+# Uploads this folder as the job's working dir, with launch/runtime_env.yaml, and forwards the submitting
+# shell's WANDB_*, HF_*, NCCL_*, SDFT_* and OPENAI_* variables to every actor of the job.
+set -euo pipefail
+config="${1:?usage: submit.sh CONFIG [key=value ...]}"; shift
+# Ray clusters here use token auth: the token lives in ~/.ray/auth_token (or $RAY_AUTH_TOKEN_PATH);
+# copy that file to every worker node and every machine that submits jobs.
+export RAY_AUTH_MODE="${RAY_AUTH_MODE:-token}"
+if [ "$RAY_AUTH_MODE" = token ] && [ -z "${RAY_AUTH_TOKEN:-}" ]; then ray get-auth-token --generate >/dev/null; fi
+address="${RAY_DASHBOARD_ADDRESS:-http://127.0.0.1:8265}"
+here="$(cd "$(dirname "$0")" && pwd)"
+env_json="$(python "$here/runtime_env.py" "$here/runtime_env.yaml")"
+exec ray job submit --address "$address" --working-dir "$(dirname "$here")" --runtime-env-json "$env_json" \
+  -- python -m sdft_ray.cli train --config "$config" "$@"

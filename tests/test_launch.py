@@ -1,0 +1,119 @@
+"""`ray start --head` + `ray job submit` (through launch/submit.sh) on this machine, the way users launch."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    p = s.getsockname()[1]
+    s.close()
+    return p
+
+
+@pytest.fixture
+def head_node():
+    if shutil.which("ray") is None:
+        pytest.fail("the ray CLI is not on PATH (pip install 'ray[default]')")
+    dash = _port()
+    tmp = tempfile.mkdtemp(prefix="rl", dir="/tmp")  # short: Ray's unix socket paths have a length limit
+    cmd = [
+        "ray",
+        "start",
+        "--head",
+        "--block",
+        "--num-cpus",
+        "2",
+        "--port",
+        str(_port()),
+        "--dashboard-host",
+        "127.0.0.1",
+        "--dashboard-port",
+        str(dash),
+        "--ray-client-server-port",
+        str(_port()),
+        "--dashboard-agent-listen-port",
+        str(_port()),
+        "--metrics-export-port",
+        str(_port()),
+        "--temp-dir",
+        tmp,
+    ]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    # --block + own session: the test can stop exactly this cluster (`ray stop` would stop every cluster here)
+    head = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    address = f"http://127.0.0.1:{dash}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", dash), timeout=1).close()
+            break
+        except OSError:
+            assert head.poll() is None and time.time() < deadline, "ray head did not come up"
+            time.sleep(0.5)
+    yield address
+    os.killpg(head.pid, signal.SIGTERM)
+    try:
+        head.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(head.pid, signal.SIGKILL)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def test_ray_job_submit_runs_tiny_job(head_node: str, tiny: dict[str, str], tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    env = {
+        **os.environ,
+        "RAY_DASHBOARD_ADDRESS": head_node,
+        "SDFT_OVERRIDES": "train.steps=2",
+        "WANDB_MODE": "disabled",
+    }
+    env.pop("RAY_ADDRESS", None)
+    cmd = [
+        str(ROOT / "launch" / "submit.sh"),
+        "configs/tiny_cpu.yaml",
+        f"model.path={tiny['model']}",
+        f"data.train={tiny['train']}",
+        "data.eval=",
+        f"train.output_dir={out}",
+        "logging.progress_bar=false",
+        "train.save_every=0",
+    ]
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    log = res.stdout + res.stderr
+    assert res.returncode == 0 and "succeeded" in log, log[-4000:]
+    events = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    # env from the submitting shell reached the job: SDFT_OVERRIDES set the step count, and it was forwarded
+    assert [e["step"] for e in events if "loss" in e] == [1, 2]
+    start = next(e for e in events if e.get("event") == "start")
+    assert "SDFT_OVERRIDES" in start["env_names"] and "WANDB_MODE" in start["env_names"]
+    assert (out / "checkpoints" / "step-000002" / "COMPLETE").exists()
+
+
+def test_runtime_env_forwards_only_known_prefixes() -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("runtime_env", ROOT / "launch" / "runtime_env.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    env = mod.runtime_env(
+        str(ROOT / "launch" / "runtime_env.yaml"),
+        {"WANDB_MODE": "online", "HF_TOKEN": "x", "AWS_SECRET_ACCESS_KEY": "no", "PATH": "/bin"},
+    )
+    assert env["env_vars"]["WANDB_MODE"] == "online" and env["env_vars"]["HF_TOKEN"] == "x"
+    assert "AWS_SECRET_ACCESS_KEY" not in env["env_vars"] and "PATH" not in env["env_vars"]
+    assert ".git" in env["excludes"]
