@@ -104,6 +104,11 @@ class RolloutWorker:
     def pid(self) -> int:
         return os.getpid()
 
+    def peak_memory(self) -> dict[str, float]:
+        from sdft_ray.modeling import peak_memory_mb
+
+        return peak_memory_mb()
+
     def generate(
         self, items: list[dict[str, Any]], seed: int, greedy: bool = False, max_new_tokens: int = 0
     ) -> list[dict[str, Any]]:

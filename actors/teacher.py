@@ -140,6 +140,11 @@ class TeacherWorker:
     def pid(self) -> int:
         return os.getpid()
 
+    def peak_memory(self) -> dict[str, float]:
+        from sdft_ray.modeling import peak_memory_mb
+
+        return peak_memory_mb()
+
     def score(self, rollout_shards: list[Any]) -> list[dict[str, Any]]:
         import ray
 

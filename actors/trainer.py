@@ -101,6 +101,11 @@ class StudentTrainer:
     def pid(self) -> int:
         return os.getpid()
 
+    def peak_memory(self) -> dict[str, float]:
+        from sdft_ray.modeling import peak_memory_mb
+
+        return peak_memory_mb()
+
     def free_address(self) -> tuple[str, int]:
         from sdft_ray.driver import _free_address
 

@@ -147,6 +147,20 @@ class EvalConfig:
 
 
 @dataclass
+class StageConfig:
+    name: str = ""
+    train: str = ""  # "" = evaluation-only task (e.g. an old skill that should not be forgotten)
+    eval: str = ""
+    steps: int = 0  # 0 = train.steps / epochs
+
+
+@dataclass
+class ContinualConfig:
+    stages: list[StageConfig] = field(default_factory=list)  # trained in order, each from the previous weights
+    output_dir: str = ""  # default: <train.output_dir>/continual
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -157,6 +171,7 @@ class Config:
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    continual: ContinualConfig = field(default_factory=ContinualConfig)
 
     @property
     def weight_transport(self) -> str:
@@ -198,6 +213,22 @@ _CHOICES = {
 
 def _convert(value: Any, typ: Any, key: str) -> Any:
     origin = typing.get_origin(typ)
+    if origin is list:
+        (item_type,) = typing.get_args(typ)
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        if dataclasses.is_dataclass(item_type):
+            out = []
+            for i, v in enumerate(value):
+                if not isinstance(v, dict):
+                    raise ConfigError(f"{key}[{i}]: expected a mapping of {item_type.__name__} fields")
+                node = item_type()
+                _apply(node, v, f"{key}[{i}].")
+                out.append(node)
+            return out
+        return [_convert(v, item_type, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is tuple:
         if isinstance(value, str):
             value = yaml.safe_load(value)
@@ -307,7 +338,10 @@ def validate(cfg: Config) -> None:
 
     t, lo, r, te, pl = cfg.train, cfg.loss, cfg.rollout, cfg.teacher, cfg.pipeline
     need(bool(cfg.model.path), "model.path is required (a HF hub name or a local save_pretrained folder)")
-    need(bool(cfg.data.train), "data.train is required (json/jsonl/parquet file, save_to_disk folder or hub name)")
+    need(
+        bool(cfg.data.train) or bool(cfg.continual.stages),
+        "data.train is required (json/jsonl/parquet file, save_to_disk folder or hub name)",
+    )
     need(t.batch_size > 0 and t.micro_batch_size > 0, "train.batch_size and train.micro_batch_size must be > 0")
     per_rank = t.batch_size * (r.num_rollouts if t.algo == "sdft" else 1)
     need(
@@ -344,6 +378,8 @@ def validate(cfg: Config) -> None:
     need(r.max_new_tokens > 0 and r.num_engines >= 1 and r.num_rollouts >= 1, "rollout sizes must be >= 1")
     need(pl.max_staleness >= 0, "pipeline.max_staleness must be >= 0")
     need(pl.sync_bucket_mb > 0 and pl.sync_timeout_s > 0, "pipeline.sync_bucket_mb/sync_timeout_s must be > 0")
+    for i, st in enumerate(cfg.continual.stages):
+        need(bool(st.name) and bool(st.eval), f"continual.stages[{i}] needs a name and an eval set")
     need(t.resume in ("", "auto") or Path(t.resume).is_dir(), f"train.resume: no checkpoint folder {t.resume!r}")
 
 

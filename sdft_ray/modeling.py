@@ -88,6 +88,16 @@ def completion_tensors(completions: list[list[int]], pad: int) -> tuple[torch.Te
     return pad_right(completions, pad)
 
 
+def peak_memory_mb() -> dict[str, float]:
+    """Peak resident memory of this process (and peak CUDA allocation when on a GPU), in MB."""
+    import resource
+
+    out = {"rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if torch.cuda.is_available():
+        out["cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
 def pad_floats(rows: list[list[float]], width: int) -> torch.Tensor:
     out = torch.zeros((len(rows), max(1, width)), dtype=torch.float32)
     for i, r in enumerate(rows):

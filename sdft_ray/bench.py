@@ -1,0 +1,175 @@
+"""`sdft-ray bench`: throughput, stage times, overlap, weight-sync cost, memory and lag of a fixed run.
+
+Optionally the same run with ``train.algo=sft`` (SDFT/SFT wall-clock per demonstration) and TRL's
+``trl.experimental.sdft.SDFTTrainer`` on the same model, data, batch size and generation length.
+The first step of every run is warm-up and is excluded from the rates.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from sdft_ray.config import Config
+
+STAGES = ("rollout_s", "teacher_s", "train_s", "ema_s", "weight_sync_s")
+
+
+def _ours(cfg: Config, steps: int) -> dict[str, Any]:
+    import ray
+
+    from sdft_ray.driver import SDFTDriver, init_ray
+
+    init_ray()
+    c = copy.deepcopy(cfg)
+    c.train.steps, c.train.save_every, c.data.eval = steps + 1, 0, ""
+    c.train.output_dir = str(Path(cfg.train.output_dir) / f"bench_{c.train.algo}")
+    c.logging.progress_bar = False
+    d = SDFTDriver(c)
+    try:
+        d.run()
+        peak = {"trainer": ray.get(d.trainers[0].peak_memory.remote())}
+        for group, name in ((d.rollouts, "rollout"), (d.teachers, "teacher")):
+            if group is not None:
+                peak[name] = ray.get(group.actors[0].peak_memory.remote())
+    finally:
+        d.shutdown()
+    rows = [json.loads(x) for x in (Path(c.train.output_dir) / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "loss" in r][-steps:]  # drop warm-up (and earlier runs in the same folder)
+    wall = sum(r["step_s"] for r in rows)
+    stage = {k: statistics.mean(r.get(k, 0.0) for r in rows) for k in STAGES}
+    samples = sum(r["samples"] for r in rows)
+    return {
+        "system": "sdft-ray",
+        "algo": c.train.algo,
+        "steps": len(rows),
+        "wall_s": wall,
+        "samples_per_s": samples / wall,
+        "tokens_per_s": sum(r["tokens"] for r in rows) / wall,
+        "s_per_demonstration": wall / samples,
+        **{f"mean_{k}": v for k, v in stage.items()},
+        "overlap": sum(stage.values()) * len(rows) / wall,
+        "lag_mean": statistics.mean(r["lag_mean"] for r in rows),
+        "lag_max": max(r["lag_max"] for r in rows),
+        "peak_memory_mb": peak,
+    }
+
+
+def _trl(cfg: Config, steps: int) -> dict[str, Any]:
+    """TRL's SDFT trainer on the same tiny model/data/batch/generation length (HF generate, one process)."""
+    try:
+        from trl.experimental.sdft import SDFTConfig, SDFTTrainer
+    except ImportError as e:
+        raise RuntimeError("the TRL comparison needs `pip install 'sdft-ray[bench]'`") from e
+    import datasets
+    from transformers import AutoModelForCausalLM, TrainerCallback
+
+    from sdft_ray.data import load_examples
+    from sdft_ray.modeling import load_tokenizer
+
+    examples = load_examples(cfg.data)
+    ds = datasets.Dataset.from_list([{"prompt": e.prompt, "privileged_context": e.demonstration} for e in examples])
+    template = cfg.data.teacher_template.replace("{question}", "{prompt}").replace(
+        "{demonstration}", "{privileged_context}"
+    )
+    t, lo = cfg.train, cfg.loss
+    args = SDFTConfig(
+        output_dir=str(Path(cfg.train.output_dir) / "bench_trl"),
+        per_device_train_batch_size=t.batch_size,
+        gradient_accumulation_steps=1,
+        max_steps=steps + 1,
+        learning_rate=t.lr,
+        max_prompt_length=cfg.data.max_prompt_length,
+        max_completion_length=cfg.rollout.max_new_tokens,
+        num_generations=1,
+        temperature=cfg.rollout.temperature,
+        teacher_model_kind="ema",
+        teacher_update_rate=cfg.teacher.ema_rate,
+        distillation_mode="full_logits",
+        distillation_alpha=0.0,  # forward KL, as ours
+        distillation_is_clip=lo.importance_clip,
+        num_loss_tokens_to_skip=lo.skip_first_tokens,
+        teacher_prompt_template=template,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        bf16=False,
+        seed=t.seed,
+        disable_tqdm=True,
+    )
+    stamps: list[float] = []
+
+    class Stamp(TrainerCallback):
+        def on_step_end(self, *a: Any, **k: Any) -> None:
+            stamps.append(time.perf_counter())
+
+    model = AutoModelForCausalLM.from_pretrained(cfg.model.path)
+    trainer = SDFTTrainer(
+        model=model, args=args, train_dataset=ds, processing_class=load_tokenizer(cfg.model), callbacks=[Stamp()]
+    )
+    trainer.train()
+    wall = stamps[-1] - stamps[0]
+    lens = [h["completions/mean_length"] for h in trainer.state.log_history if "completions/mean_length" in h]
+    samples = steps * t.batch_size
+    return {
+        "system": "trl SDFTTrainer",
+        "algo": "sdft",
+        "steps": steps,
+        "wall_s": wall,
+        "samples_per_s": samples / wall,
+        "tokens_per_s": (statistics.mean(lens[1:]) * samples / wall) if len(lens) > 1 else float("nan"),
+        "s_per_demonstration": wall / samples,
+    }
+
+
+def _markdown(results: list[dict[str, Any]], ratios: dict[str, float]) -> str:
+    cols = [
+        "system",
+        "algo",
+        "steps",
+        "samples_per_s",
+        "tokens_per_s",
+        "s_per_demonstration",
+        "mean_rollout_s",
+        "mean_teacher_s",
+        "mean_train_s",
+        "mean_weight_sync_s",
+        "overlap",
+        "lag_mean",
+    ]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in results:
+        cells = []
+        for c in cols:
+            v = r.get(c, "")
+            cells.append(f"{v:.4g}" if isinstance(v, float) else str(v))
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    lines += [f"- {k}: {v:.3f}" for k, v in ratios.items()]
+    return "\n".join(lines) + "\n"
+
+
+def run_bench(cfg: Config, steps: int, compare_sft: bool, compare_trl: bool, out: str) -> dict[str, Any]:
+    results = [_ours(cfg, steps)]
+    ratios: dict[str, float] = {}
+    if compare_sft:
+        sft_cfg = copy.deepcopy(cfg)
+        sft_cfg.train.algo = "sft"
+        results.append(_ours(sft_cfg, steps))
+        ratios["sdft_over_sft_wall_per_demonstration"] = (
+            results[0]["s_per_demonstration"] / results[-1]["s_per_demonstration"]
+        )
+    if compare_trl:
+        results.append(_trl(cfg, steps))
+        ratios["ours_over_trl_throughput"] = results[0]["samples_per_s"] / results[-1]["samples_per_s"]
+    outdir = Path(out)
+    outdir.mkdir(parents=True, exist_ok=True)
+    report = {"config": cfg.train.output_dir, "results": results, "ratios": ratios, "time": time.time()}
+    (outdir / "bench.json").write_text(json.dumps(report, indent=1))
+    (outdir / "bench.md").write_text(_markdown(results, ratios))
+    return report

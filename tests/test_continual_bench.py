@@ -1,0 +1,75 @@
+"""Shortened continual-learning run and benchmark smoke test, through the real CLI entry points."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+from conftest import tiny_overrides
+
+from sdft_ray.cli import main
+from sdft_ray.continual import forgetting
+
+
+def test_forgetting_definition() -> None:
+    m = [[0.5, 0.1], [0.7, 0.2], [0.4, 0.9]]
+    assert forgetting(m) == [0.7 - 0.4, 0.2 - 0.9]
+
+
+def test_continual_cli_writes_matrix_plot_and_summary(tiny, ray_cluster, tmp_path: Path) -> None:
+    data = Path(tiny["train"]).parent
+    cfg = {
+        "continual": {
+            "stages": [
+                {"name": "shift", "train": tiny["train"], "eval": str(data / "shift_eval.jsonl"), "steps": 2},
+                {
+                    "name": "reverse",
+                    "train": str(data / "reverse_eval.jsonl"),
+                    "eval": str(data / "reverse_eval.jsonl"),
+                    "steps": 2,
+                },
+                {"name": "upper", "eval": str(data / "upper_eval.jsonl")},  # evaluated only: an old skill
+            ]
+        },
+        "eval": {"max_examples": 4, "max_new_tokens": 6},
+    }
+    f = tmp_path / "c.yaml"
+    f.write_text(yaml.safe_dump(cfg))
+    over = [o for o in tiny_overrides(tiny, tmp_path / "run") if not o.startswith("data.train")]
+    assert main(["continual", "--config", str(f), *over]) == 0
+    out = tmp_path / "run" / "continual"
+    m = json.loads((out / "matrix.json").read_text())
+    assert m["rows"] == ["start", "shift", "reverse"] and m["tasks"] == ["shift", "reverse", "upper"]
+    assert len(m["accuracy"]) == 3 and all(len(r) == 3 for r in m["accuracy"])
+    assert all(0.0 <= a <= 1.0 for r in m["accuracy"] for a in r)
+    assert (out / "matrix.png").stat().st_size > 1000 and "forgetting" in (out / "matrix.md").read_text()
+    assert "stage(s) trained" in (out / "summary.txt").read_text()
+    # each stage started from the previous stage's weights
+    assert (out / "reverse" / "checkpoints").is_dir()
+
+
+def test_bench_smoke_produces_every_field(tiny, ray_cluster, tmp_path: Path) -> None:
+    over = tiny_overrides(tiny, tmp_path / "run")
+    assert main(["bench", *over, "--steps", "2", "--compare-sft", "--out", str(tmp_path / "b")]) == 0
+    rep = json.loads((tmp_path / "b" / "bench.json").read_text())
+    ours, sft = rep["results"]
+    for r in (ours, sft):
+        for k in (
+            "samples_per_s",
+            "tokens_per_s",
+            "s_per_demonstration",
+            "mean_rollout_s",
+            "mean_teacher_s",
+            "mean_train_s",
+            "mean_weight_sync_s",
+            "overlap",
+            "lag_mean",
+            "lag_max",
+            "peak_memory_mb",
+        ):
+            assert k in r, k
+        assert r["steps"] == 2 and r["samples_per_s"] > 0 and r["peak_memory_mb"]["trainer"]["rss_mb"] > 0
+    assert ours["algo"] == "sdft" and sft["algo"] == "sft" and ours["mean_rollout_s"] > 0
+    assert rep["ratios"]["sdft_over_sft_wall_per_demonstration"] > 0
+    assert "samples_per_s" in (tmp_path / "b" / "bench.md").read_text()
