@@ -234,7 +234,8 @@ class StudentTrainer:
         lag = [self.version - 1 - v for v in versions]
         return {
             "loss": sum(losses) / max(1, len(losses)),
-            "kl": sum(kls) / max(1, len(kls)),
+            # SFT's per-sequence loss is cross-entropy, not a KL: don't report it under that name
+            "kl": sum(kls) / max(1, len(kls)) if self.cfg.train.algo == "sdft" else float("nan"),
             "importance_weight": sum(weights) / max(1, len(weights)),
             "grad_norm": grad_norm,
             "lr": self._lr(),

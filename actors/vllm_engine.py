@@ -20,23 +20,39 @@ import torch
 from sdft_ray.config import Config
 from sdft_ray.weight_sync import Bucket, WeightSyncError
 
+_ALIGN = 16  # every tensor starts at a 16-byte offset so any dtype can be viewed out of the byte buffer
+
+
+def _padded(nbytes: int) -> int:
+    return (nbytes + _ALIGN - 1) // _ALIGN * _ALIGN
+
+
+def _nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
+    return torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+
 
 def pack(tensors: list[torch.Tensor]) -> torch.Tensor:
     """One flat byte buffer for a bucket: one collective / one IPC handle per bucket, not per tensor."""
-    return torch.cat([t.contiguous().reshape(-1).view(torch.uint8) for t in tensors])
+    parts = []
+    for t in tensors:
+        b = t.contiguous().reshape(-1).view(torch.uint8)
+        parts.append(b)
+        if _padded(b.numel()) > b.numel():
+            parts.append(torch.zeros(_padded(b.numel()) - b.numel(), dtype=torch.uint8, device=b.device))
+    return torch.cat(parts)
 
 
 def unpack(flat: torch.Tensor, meta: list[tuple[str, torch.dtype, tuple[int, ...]]]) -> list[tuple[str, torch.Tensor]]:
     out, offset = [], 0
     for name, dtype, shape in meta:
-        n = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+        n = _nbytes(dtype, shape)
         out.append((name, flat[offset : offset + n].view(dtype).reshape(shape)))
-        offset += n
+        offset += _padded(n)
     return out
 
 
 def plan_nbytes(meta: list[tuple[str, torch.dtype, tuple[int, ...]]]) -> int:
-    return sum(torch.Size(shape).numel() * torch.empty((), dtype=dt).element_size() for _, dt, shape in meta)
+    return sum(_padded(_nbytes(dt, shape)) for _, dt, shape in meta)
 
 
 def bucket_meta(bucket: Bucket) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:

@@ -66,18 +66,12 @@ def _read_json_records(path: Path) -> list[Any]:
         line = raw[: e.start].count(b"\n") + 1
         raise DataError(f"{path}: not UTF-8 at byte {e.start} (line {line}): {e.reason}") from None
     if path.suffix == ".jsonl" or (path.suffix != ".json" and not text.lstrip().startswith("[")):
-        out = []
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}: record at line {lineno}: invalid JSON: {e.msg}") from None
-        return out
+        return _parse_lines(path, text)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
+        if text.lstrip().startswith("{") and e.msg == "Extra data":  # JSON Lines saved as .json
+            return _parse_lines(path, text)
         raise DataError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
     if isinstance(data, dict):
         # {"train": [...]} or {"data": [...]} wrappers are common in released datasets.
@@ -88,6 +82,18 @@ def _read_json_records(path: Path) -> list[Any]:
     if not isinstance(data, list):
         raise DataError(f"{path}: expected a list of records, got {type(data).__name__}")
     return data
+
+
+def _parse_lines(path: Path, text: str) -> list[Any]:
+    out = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: record at line {lineno}: invalid JSON: {e.msg}") from None
+    return out
 
 
 def read_records(source: str, split: str = "train") -> tuple[str, list[Any]]:

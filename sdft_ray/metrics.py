@@ -6,6 +6,7 @@ import json
 import math
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -44,21 +45,27 @@ class MetricsLogger:
                 id=_run_id(self.out),
             )
         self.bar = None
-        if cfg.logging.progress_bar:
+        self.total = total_steps
+        # a bar on a terminal; plain lines (every ~5% of the run) in job logs, where \r-redraws are noise
+        self.lines_every = 0
+        if cfg.logging.progress_bar and sys.stderr.isatty():
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=total_steps, initial=initial_step, desc=cfg.train.algo, dynamic_ncols=True)
+        elif cfg.logging.progress_bar:
+            self.lines_every = max(1, total_steps // 20)
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         row = {"step": step, **{k: _clean(v) for k, v in metrics.items()}}
         self.file.write(json.dumps(row) + "\n")
         if self.wandb is not None:
             self.wandb.log(row, step=step)
+        shown = {k: f"{metrics[k]:.4g}" for k in ("loss", "kl", "tokens_per_s", "lag_mean") if k in metrics}
         if self.bar is not None:
             self.bar.update(1)
-            self.bar.set_postfix(
-                {k: f"{metrics[k]:.4g}" for k in ("loss", "kl", "tokens_per_s", "lag_mean") if k in metrics}
-            )
+            self.bar.set_postfix(shown)
+        elif self.lines_every and (step % self.lines_every == 0 or step == self.total):
+            print(f"step {step}/{self.total} " + " ".join(f"{k}={v}" for k, v in shown.items()), flush=True)
 
     def event(self, kind: str, **fields: Any) -> None:
         """Non-step records (restarts, skips, checkpoints): same file, marked by ``event``."""

@@ -323,8 +323,14 @@ if __name__ == "__main__":
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--config", default="configs/testbed.yaml")
     ap.add_argument("--pretrain-steps", type=int, default=2000)
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                    help="config override for every run, e.g. --set train.lr=1e-4 (repeatable)")
+    ap.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override for every run, e.g. --set train.lr=1e-4 (repeatable)",
+    )
     a = ap.parse_args()
     rep = run_experiment(a.out, a.seeds, a.config, a.pretrain_steps, a.overrides)
     print((Path(a.out) / "results.md").read_text())

@@ -150,3 +150,9 @@ def test_fuzz_raw_bytes_files(tmp_path_factory: pytest.TempPathFactory, blob: by
         load_examples(DataConfig(train=str(f)))
     except DataError as e:
         assert str(f) in str(e)
+
+
+def test_json_lines_saved_as_json(tmp_path: Path) -> None:
+    f = tmp_path / "d.json"
+    f.write_text('{"prompt": "a", "golden_response": "x"}\n{"prompt": "b", "golden_response": "y"}\n')
+    assert [e.demonstration for e in load_examples(DataConfig(train=str(f)))] == ["x", "y"]
