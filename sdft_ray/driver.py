@@ -105,6 +105,7 @@ class InFlight:
     items: list[dict[str, Any]]
     rollout_refs: list[Any]
     teacher_refs: list[Any]
+    engine_loads: list[tuple[int, int]] = field(default_factory=list)  # (engine, prompts) still in flight
 
 
 class SDFTDriver:
@@ -162,6 +163,7 @@ class SDFTDriver:
             for i in range(t.num_trainers)
         ]
         self.rollouts = None
+        self.engine_load = [0] * r.num_engines
         if t.algo == "sdft" or cfg.data.eval:
             opts = {"num_cpus": r.num_cpus, "num_gpus": r.num_gpus, "runtime_env": env}
             self.rollouts = ActorGroup(RolloutWorker, opts, (raw,), [(i,) for i in range(r.num_engines)])
@@ -313,18 +315,37 @@ class SDFTDriver:
         if self.cfg.train.algo == "sft":
             return InFlight(step, items, [ray.put(items)], [])
         engines = self.rollouts.actors
-        # Equal shards: prompts have one rollout each and engines are identical, so the least-loaded
-        # assignment is an even split (engine e gets items e, e+n, ...).
-        shards = [items[e :: len(engines)] for e in range(len(engines))]
+        shards = self.assign(len(items))
         seed = self.cfg.train.seed * 1_000_003 + step
-        refs = [
-            eng.generate.remote(s, seed * 131 + e) for e, (eng, s) in enumerate(zip(engines, shards, strict=True)) if s
-        ]
+        refs, loads = [], []
+        for e, idx in enumerate(shards):
+            if idx:
+                refs.append(engines[e].generate.remote([items[i] for i in idx], seed * 131 + e))
+                loads.append((e, len(idx)))
+                self.engine_load[e] += len(idx)
         teacher_refs = []
         if self.teachers is not None:
             n = len(self.teachers.actors)
             teacher_refs = [t.score.remote(refs[i::n]) for i, t in enumerate(self.teachers.actors) if refs[i::n]]
-        return InFlight(step, items, refs, teacher_refs)
+        return InFlight(step, items, refs, teacher_refs, loads)
+
+    def assign(self, n: int) -> list[list[int]]:
+        """Least-loaded dispatch: each prompt goes to the engine with the fewest prompts in flight.
+
+        Equal engines with equal queues get an even split; an engine that was just restarted (empty queue)
+        or one still busy with a lagging batch gets more or fewer accordingly.
+        """
+        load = list(self.engine_load)
+        shards: list[list[int]] = [[] for _ in load]
+        for i in range(n):
+            e = min(range(len(load)), key=lambda k: (load[k], k))
+            shards[e].append(i)
+            load[e] += 1
+        return shards
+
+    def done_with(self, batch: InFlight) -> None:
+        for e, n in batch.engine_loads:
+            self.engine_load[e] -= n
 
     # ------------------------------------------------------------ faults
     def recover(self, batch_queue: deque[InFlight], err: Exception) -> None:
@@ -355,6 +376,8 @@ class SDFTDriver:
         self.sync_weights()
         self.wait_syncs()
         steps = [b.step for b in batch_queue]
+        for b in batch_queue:
+            self.done_with(b)
         batch_queue.clear()
         for s in steps:
             batch_queue.append(self.launch(s))
@@ -417,7 +440,7 @@ class SDFTDriver:
                     raise
                 self.recover(queue, err)
                 continue
-            queue.popleft()
+            self.done_with(queue.popleft())
             self.step += 1
             self.version = results[0]["version"]
             if self.rollouts is not None and cfg.train.algo == "sdft":

@@ -41,7 +41,7 @@ OLD_TASKS = ["reverse", "upper", "double", "repeat"]
 # The paper's teacher template is ~150 characters; at character level that is 6x the student prompt and
 # dominates CPU time. The testbed keeps its structure (question, then the demonstration) in a short form.
 TESTBED_TEMPLATE = "{question}\nExample: {demonstration}\nYour answer:"
-NEW_TASKS = ["shift", "sort"]
+NEW_TASKS = ["rotate", "swap"]
 
 
 def task_prompt(task: str, x: str) -> str:
@@ -206,9 +206,8 @@ def make_tiny(
     if pretrain_steps:
         pretrain(model_dir, pretrain_steps, seed)
     paths = {"model": str(model_dir)}
-    for t in TASKS:
+    for t in TASKS:  # every task gets a train and an eval file, so any config can pick its stages
         write_jsonl(task_records(t, n_eval, seed + 1000), out / "data" / f"{t}_eval.jsonl")
-    for t in NEW_TASKS if train_task in NEW_TASKS else [train_task]:
         write_jsonl(task_records(t, n_train, seed), out / "data" / f"{t}_train.jsonl")
     paths["train"] = str(out / "data" / f"{train_task}_train.jsonl")
     paths["eval"] = str(out / "data" / f"{train_task}_eval.jsonl")

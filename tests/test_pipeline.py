@@ -115,3 +115,19 @@ def test_sft_baseline_same_pipeline(tiny, ray_cluster, tmp_path: Path) -> None:
     _run(tiny, tmp_path, train__algo="sft", train__steps=8, train__lr_scheduler="constant", train__warmup_ratio=0)
     losses = [r["loss"] for r in _rows(tmp_path)]
     assert losses[-1] < losses[0] * 0.9, losses
+
+
+def test_least_loaded_dispatch(tiny, tmp_path: Path) -> None:
+    d = SDFTDriver(load_config(None, tiny_overrides(tiny, tmp_path, rollout__num_engines=2)))
+    d.engine_load = [0, 0]
+    assert d.assign(4) == [[0, 2], [1, 3]]  # equal queues: an even split
+    d.engine_load = [3, 0]  # engine 0 still busy with 3 prompts (e.g. engine 1 was just restarted)
+    assert d.assign(5) == [[3], [0, 1, 2, 4]]
+
+
+def test_two_engines_both_receive_weights(tiny, ray_cluster, tmp_path: Path) -> None:
+    summary = _run(
+        tiny, tmp_path, rollout__num_engines=2, rollout__num_cpus=0.25, pipeline__verify_weight_checksums=True
+    )
+    assert summary["weights_verified"] == 2 * 4  # both engines, initial + 3 steps
+    assert [r["lag_max"] for r in _rows(tmp_path)] == [0, 1, 1]
