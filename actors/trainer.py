@@ -116,7 +116,7 @@ class StudentTrainer:
         return self.engine.module
 
     def _bucket_bytes(self) -> int:
-        return self.cfg.pipeline.sync_bucket_mb * 2**20
+        return int(self.cfg.pipeline.sync_bucket_mb * 2**20)
 
     def _lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])

@@ -119,7 +119,7 @@ class TrainConfig:
 @dataclass
 class PipelineConfig:
     max_staleness: int = 1  # 0 = strictly on-policy; k = rollouts may lag the trainer by k versions
-    sync_bucket_mb: int = 256
+    sync_bucket_mb: float = 256.0
     weight_transport: str = "auto"  # auto | object_store | nccl | ipc (auto: ipc colocated, nccl split, store on CPU)
     sync_timeout_s: float = 600.0
     call_timeout_s: float = 1800.0  # any remote call that could hang

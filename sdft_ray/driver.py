@@ -124,6 +124,7 @@ class SDFTDriver:
         self.version = 0
         self.pending_syncs: list[Any] = []
         self.pending_checks: list[Any] = []
+        self.pending_sends: list[Any] = []
         self.last_sync_s = 0.0
         self.weights_verified = 0
 
@@ -229,16 +230,15 @@ class SDFTDriver:
                 refs_by_source[which] = calls[0]
                 if p.verify_weight_checksums:
                     expected[which] = [tr.checksum.remote(which) for tr in self.trainers][0]
-        self.pending_syncs = [
+        # += : a GPU sync may already have queued the engines' receives for this version
+        self.pending_syncs += [
             a.update_weights.remote(refs_by_source[which], self.version, p.sync_timeout_s) for a, which in targets
         ]
         # queued behind the update on each actor, so it reads the weights just received
-        self.pending_checks = [(a.checksum.remote(), expected[which], a) for a, which in targets if expected]
+        self.pending_checks += [(a.checksum.remote(), expected[which], a) for a, which in targets if expected]
 
     def _sync_engines_gpu(self, engines: list[Any]) -> None:
         """vLLM engines: NCCL broadcast (engines receive while the trainer sends) or CUDA IPC bucket by bucket."""
-        import ray
-
         if not hasattr(self, "_plan"):
             self._plan = self._get(self.trainers[0].sync_plan.remote(), "sync plan")
         if self.cfg.weight_transport == "nccl":
@@ -254,16 +254,14 @@ class SDFTDriver:
                 "ipc weight sync",
                 self.cfg.pipeline.sync_timeout_s,
             )
-        ray.get([tr.ipc_done.remote() for tr in self.trainers])
+        self._get([tr.ipc_done.remote() for tr in self.trainers], "ipc weight sync")
         self._get([e.set_version.remote(self.version) for e in engines], "ipc weight sync")
         self.last_sync_s = time.perf_counter() - t0
 
     def _init_gpu_weight_group(self) -> None:
-        import ray
-
         r = self.cfg.rollout
         world = 1 + r.num_engines * r.tensor_parallel_size
-        host, port = ray.get(self.trainers[0].free_address.remote())
+        host, port = self._get(self.trainers[0].free_address.remote(), "NCCL weight group setup")
         refs = [tr.init_weight_group.remote(host, port, world) for tr in self.trainers]
         refs += [
             e.init_weight_group.remote(host, port, 1 + i * r.tensor_parallel_size, world)
@@ -279,12 +277,12 @@ class SDFTDriver:
             return
         p = self.cfg.pipeline
         done = self._get(self.pending_syncs, "weight sync", p.sync_timeout_s + p.call_timeout_s)
-        if getattr(self, "pending_sends", None):
+        if self.pending_sends:
             self._get(self.pending_sends, "weight send", p.sync_timeout_s)
             self.pending_sends = []
         self.last_sync_s = max(d["seconds"] for d in done)
         self.pending_syncs = []
-        for got, want, actor in getattr(self, "pending_checks", []):
+        for got, want, actor in self.pending_checks:
             got, want = self._get([got, want], "weight checksum")
             if got != want:
                 raise WeightSyncError(f"weights at {actor} differ from the trainer's after sync v{self.version}")

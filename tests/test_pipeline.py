@@ -131,3 +131,30 @@ def test_two_engines_both_receive_weights(tiny, ray_cluster, tmp_path: Path) -> 
     )
     assert summary["weights_verified"] == 2 * 4  # both engines, initial + 3 steps
     assert [r["lag_max"] for r in _rows(tmp_path)] == [0, 1, 1]
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_stages_gather_full_weights_for_sync_and_checkpoint(tiny, ray_cluster, tmp_path: Path, stage: int) -> None:
+    """Under ZeRO-3 parameters are partitioned: sync, EMA and save must gather them bucket by bucket."""
+    d, summary = _run(
+        tiny,
+        tmp_path,
+        keep_driver=True,
+        train__zero_stage=stage,
+        model__gradient_checkpointing=True,
+        pipeline__verify_weight_checksums=True,
+        pipeline__sync_bucket_mb=0.01,
+    )
+    try:
+        full = ray.get(d.trainers[0].state_dict_cpu.remote())
+    finally:
+        d.shutdown()
+    assert summary["weights_verified"] == 4
+    assert all(t.numel() > 0 for t in full.values())  # gathered, not the empty ZeRO-3 placeholders
+    from transformers import AutoModelForCausalLM
+
+    final = sorted((tmp_path / "checkpoints").glob("step-*"))[-1]
+    saved = dict(AutoModelForCausalLM.from_pretrained(final / "student").named_parameters())
+    for n, t in full.items():
+        torch.testing.assert_close(saved[n], t)
+    assert all(r["skipped_step"] == 0 and r["loss"] > 0 for r in _rows(tmp_path))
