@@ -68,7 +68,7 @@ def head_node():
     yield address
     os.killpg(head.pid, signal.SIGTERM)
     try:
-        head.wait(timeout=30)
+        head.wait(timeout=10)
     except subprocess.TimeoutExpired:
         os.killpg(head.pid, signal.SIGKILL)
     shutil.rmtree(tmp, ignore_errors=True)

@@ -68,7 +68,7 @@ def _ref_sdft(
                 d = _ref_divergence(p, q, kind, alpha)
             elif estimator == "topk":
                 src = s_logits if support == "student" else t_logits
-                top = sorted(range(V), key=lambda v: -float(src[b, t, v]))[:k]
+                top = sorted(range(V), key=lambda v: -float(src[b, t, v].detach()))[:k]
                 ps, qs = [p[v] for v in top], [q[v] for v in top]
                 if tail:
                     ps, qs = ps + [1 - sum(ps)], qs + [1 - sum(qs)]
