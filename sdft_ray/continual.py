@@ -18,23 +18,14 @@ from sdft_ray.config import Config, load_config
 
 def _score_all(cfg: Config, model_path: str) -> dict[str, float]:
     """Accuracy of ``model_path`` on every stage's eval set, with one set of rollout engines."""
-    import ray
-
-    from actors.rollout import RolloutWorker
-    from sdft_ray.evaluate import evaluate_with_engines
+    from sdft_ray.evaluate import evaluate_with_engines, rollout_engines
     from sdft_ray.modeling import load_tokenizer
 
-    c = copy.deepcopy(cfg)
-    c.model.path = model_path
-    r = c.rollout
-    actor = ray.remote(RolloutWorker).options(num_cpus=r.num_cpus, num_gpus=r.num_gpus)
-    engines = [actor.remote(c.to_dict(), i) for i in range(r.num_engines)]
-    try:
-        tok = load_tokenizer(c.model)
-        return {st.name: evaluate_with_engines(c, tok, engines, st.eval)["accuracy"] for st in c.continual.stages}
-    finally:
-        for e in engines:
-            ray.kill(e)
+    tok_cfg = copy.deepcopy(cfg.model)
+    tok_cfg.path = model_path
+    tok = load_tokenizer(tok_cfg)
+    with rollout_engines(cfg, model_path) as engines:
+        return {st.name: evaluate_with_engines(cfg, tok, engines, st.eval)["accuracy"] for st in cfg.continual.stages}
 
 
 def forgetting(matrix: list[list[float]]) -> list[float]:

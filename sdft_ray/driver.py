@@ -77,16 +77,8 @@ class ActorGroup:
         self.restarts += 1
         return self.actors[i]
 
-    def dead(self, timeout: float = 30.0) -> list[int]:
-        import ray
-
-        out = []
-        for i, a in enumerate(self.actors):
-            try:
-                ray.get(a.pid.remote(), timeout=timeout)
-            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-                out.append(i)
-        return out
+    def dead(self) -> list[int]:
+        return [i for i, a in enumerate(self.actors) if _is_dead(a)]
 
 
 def _free_address() -> tuple[str, int]:

@@ -6,10 +6,13 @@ Scorers (SDFT_SPEC.md): ``answer_tag`` (science: exact match of the text inside 
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import re
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from sdft_ray.config import Config
@@ -118,28 +121,38 @@ def evaluate_with_engines(cfg: Config, tokenizer: Any, engines: list[Any], sourc
     return result
 
 
-def evaluate(cfg: Config, source: str, model_path: str | None = None) -> dict[str, Any]:
-    """Standalone eval job: start rollout actors on ``model_path`` (default model.path) and score."""
+@contextmanager
+def rollout_engines(cfg: Config, model_path: str | None = None) -> Iterator[list[Any]]:
+    """Rollout actors on ``model_path`` (default model.path) for the duration of a ``with`` block."""
     import ray
 
     from actors.rollout import RolloutWorker
     from sdft_ray.driver import init_ray
+
+    init_ray()
+    c = copy.deepcopy(cfg)
+    if model_path:
+        c.model.path = model_path
+    r = c.rollout
+    actor = ray.remote(RolloutWorker).options(num_cpus=r.num_cpus, num_gpus=r.num_gpus)
+    engines = [actor.remote(c.to_dict(), i) for i in range(r.num_engines)]
+    try:
+        yield engines
+    finally:
+        for eng in engines:
+            ray.kill(eng)
+
+
+def evaluate(cfg: Config, source: str, model_path: str | None = None) -> dict[str, Any]:
+    """Standalone eval job: start rollout actors on ``model_path`` (default model.path) and score."""
     from sdft_ray.modeling import load_tokenizer
 
     if not source:
         raise ValueError("nothing to evaluate: pass --data or set data.eval")
-    init_ray()
-    if model_path:
-        cfg.model.path = model_path
-    r = cfg.rollout
-    actor = ray.remote(RolloutWorker).options(num_cpus=r.num_cpus, num_gpus=r.num_gpus)
-    engines = [actor.remote(cfg.to_dict(), i) for i in range(r.num_engines)]
-    try:
-        out = evaluate_with_engines(cfg, load_tokenizer(cfg.model), engines, source)
-    finally:
-        for eng in engines:
-            ray.kill(eng)
-    return out
+    with rollout_engines(cfg, model_path) as engines:
+        tok_cfg = copy.deepcopy(cfg.model)
+        tok_cfg.path = model_path or cfg.model.path
+        return evaluate_with_engines(cfg, load_tokenizer(tok_cfg), engines, source)
 
 
 def run_lm_eval(model_path: str, tasks: list[str], limit: int | None = None) -> dict[str, Any]:

@@ -84,10 +84,6 @@ def completion_logits(
     return head(hidden)
 
 
-def completion_tensors(completions: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return pad_right(completions, pad)
-
-
 def peak_memory_mb() -> dict[str, float]:
     """Peak resident memory of this process (and peak CUDA allocation when on a GPU), in MB."""
     import resource

@@ -73,3 +73,12 @@ def test_bench_smoke_produces_every_field(tiny, ray_cluster, tmp_path: Path) -> 
     assert ours["algo"] == "sdft" and sft["algo"] == "sft" and ours["mean_rollout_s"] > 0
     assert rep["ratios"]["sdft_over_sft_wall_per_demonstration"] > 0
     assert "samples_per_s" in (tmp_path / "b" / "bench.md").read_text()
+
+
+def test_eval_cli_scores_a_model(tiny, ray_cluster, tmp_path: Path, capsys) -> None:
+    data = Path(tiny["train"]).parent
+    over = tiny_overrides(tiny, tmp_path / "run", eval__max_examples=4, eval__num_samples=3, eval__greedy=False)
+    assert main(["eval", *over, "--data", str(data / "upper_eval.jsonl")]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["examples"] == 4 and 0.0 <= out["accuracy"] <= 1.0
+    assert {"pass@1", "pass@3"} <= set(out) and out["pass@1"] <= out["pass@3"]
