@@ -28,6 +28,11 @@ def main(argv: list[str] | None = None) -> int:
     ev = sub.add_parser("eval", help="score a model on an eval set through the rollout actors")
     _job_args(ev)
     ev.add_argument("--data", help="eval file (default: data.eval)")
+    ev.add_argument(
+        "--lm-eval",
+        metavar="TASKS",
+        help="also run lm-eval-harness tasks (e.g. hellaswag,mmlu) on model.path; needs sdft-ray[eval]",
+    )
     co = sub.add_parser("continual", help="train a sequence of tasks, scoring every task after every stage")
     _job_args(co)
     be = sub.add_parser("bench", help="measure throughput, stage times, overlap, sync time")
@@ -66,13 +71,23 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cmd == "eval":
             from sdft_ray.evaluate import evaluate
 
-            _print(evaluate(cfg, args.data or cfg.data.eval))
+            if args.lm_eval:
+                from sdft_ray.evaluate import run_lm_eval
+
+                _print(run_lm_eval(cfg.model.path, args.lm_eval.split(",")))
+            if args.data or cfg.data.eval or not args.lm_eval:
+                _print(evaluate(cfg, args.data or cfg.data.eval))
         elif args.cmd == "bench":
             from sdft_ray.bench import run_bench
 
             _print(run_bench(cfg, args.steps, args.compare_sft, args.compare_trl, args.out))
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:
+        if "not installed" not in str(e):
+            raise
+        print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
 

@@ -35,3 +35,14 @@ def test_pass_at_k_matches_enumeration(n: int, c: int, k: int) -> None:
     subsets = list(combinations(range(n), k))
     brute = sum(any(samples[i] for i in s) for s in subsets) / len(subsets)
     assert math.isclose(pass_at_k(n, c, k), brute, rel_tol=1e-12)
+
+
+def test_lm_eval_hook_explains_missing_package(tmp_path, capsys) -> None:
+    import importlib.util
+
+    from sdft_ray.cli import main
+
+    if importlib.util.find_spec("lm_eval") is not None:
+        pytest.skip("lm-eval is installed here; the hook would really run")
+    rc = main(["eval", "model.path=m", "data.train=d.jsonl", "--lm-eval", "hellaswag"])
+    assert rc == 2 and "pip install 'sdft-ray[eval]'" in capsys.readouterr().err
