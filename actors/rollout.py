@@ -7,16 +7,16 @@ backends share one interface: ``HFGenerator`` (transformers ``generate``; CPU an
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from actors.base import ActorProcess
 from sdft_ray.config import Config, config_from_dict
 from sdft_ray.modeling import device_for, load_model, load_tokenizer
-from sdft_ray.weight_sync import Bucket, WeightSyncError, load_bucket_into, model_checksum
+from sdft_ray.weight_sync import Bucket, load_bucket_into, model_checksum, receive_buckets
 
 
 class HFGenerator:
@@ -85,7 +85,7 @@ class HFGenerator:
         pass
 
 
-class RolloutWorker:
+class RolloutWorker(ActorProcess):
     """One rollout engine: generates for a shard of prompts and receives weight buckets from the trainer."""
 
     def __init__(self, cfg_dict: dict[str, Any], engine_index: int = 0) -> None:
@@ -100,14 +100,6 @@ class RolloutWorker:
             self.backend: Any = VLLMGenerator(self.cfg, engine_index)
         else:
             self.backend = HFGenerator(self.cfg, device)
-
-    def pid(self) -> int:
-        return os.getpid()
-
-    def peak_memory(self) -> dict[str, float]:
-        from sdft_ray.modeling import peak_memory_mb
-
-        return peak_memory_mb()
 
     def generate(
         self, items: list[dict[str, Any]], seed: int, greedy: bool = False, max_new_tokens: int = 0
@@ -139,19 +131,12 @@ class RolloutWorker:
 
     def update_weights(self, buckets: list[Any], version: int, timeout_s: float) -> dict[str, float]:
         """Load buckets (ObjectRefs on the CPU path) and adopt ``version``; loud error on timeout or mismatch."""
-        import ray
-
         verify = self.cfg.pipeline.verify_weight_checksums
         t0 = time.perf_counter()
         self.backend.wake()
-        for ref in buckets:
-            try:
-                bucket = ray.get(ref, timeout=timeout_s) if isinstance(ref, ray.ObjectRef) else ref
-            except ray.exceptions.GetTimeoutError:
-                raise WeightSyncError(
-                    f"rollout engine {self.engine_index}: weight bucket did not arrive within {timeout_s}s"
-                ) from None
-            self.backend.load_bucket(bucket, verify)
+        receive_buckets(
+            buckets, lambda b: self.backend.load_bucket(b, verify), timeout_s, f"rollout engine {self.engine_index}"
+        )
         self.version = version
         return {"version": version, "seconds": time.perf_counter() - t0}
 

@@ -18,10 +18,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from actors.base import ActorProcess
 from sdft_ray.config import Config, config_from_dict
 from sdft_ray.losses import topk_logprobs
 from sdft_ray.modeling import completion_logits, device_for, load_model, load_tokenizer
-from sdft_ray.weight_sync import Bucket, load_bucket_into, model_checksum
+from sdft_ray.weight_sync import Bucket, load_bucket_into, model_checksum, receive_buckets
 
 
 class TeacherScorer:
@@ -125,7 +126,7 @@ class ExternalTeacher:
         return out
 
 
-class TeacherWorker:
+class TeacherWorker(ActorProcess):
     """Separate teacher actor (top-k / sampled estimators). Receives EMA or student weights by bucket."""
 
     def __init__(self, cfg_dict: dict[str, Any]) -> None:
@@ -137,28 +138,20 @@ class TeacherWorker:
             self.scorer = TeacherScorer(self.cfg, device_for(self.cfg.teacher.num_gpus))
         self.version = 0
 
-    def pid(self) -> int:
-        return os.getpid()
-
-    def peak_memory(self) -> dict[str, float]:
-        from sdft_ray.modeling import peak_memory_mb
-
-        return peak_memory_mb()
-
     def score(self, rollout_shards: list[Any]) -> list[dict[str, Any]]:
         import ray
 
-        items = [it for shard in ray.get(list(rollout_shards)) for it in shard]
+        items = [
+            it for shard in ray.get(list(rollout_shards), timeout=self.cfg.pipeline.call_timeout_s) for it in shard
+        ]
         return self.scorer.compact_scores(items)
 
     def update_weights(self, buckets: list[Any], version: int, timeout_s: float) -> dict[str, float]:
         import time
 
-        import ray
-
+        verify = self.cfg.pipeline.verify_weight_checksums
         t0 = time.perf_counter()
-        for ref in buckets:
-            self.scorer.load_bucket(ray.get(ref, timeout=timeout_s), self.cfg.pipeline.verify_weight_checksums)
+        receive_buckets(buckets, lambda b: self.scorer.load_bucket(b, verify), timeout_s, "teacher actor")
         self.version = version
         return {"version": version, "seconds": time.perf_counter() - t0}
 

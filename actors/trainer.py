@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from actors.base import ActorProcess
 from actors.teacher import TeacherScorer
 from sdft_ray.config import config_from_dict
 from sdft_ray.ds_config import deepspeed_config, grad_accum_steps, lr_lambda
@@ -47,7 +48,7 @@ def _init_distributed_env(rank: int, world_size: int, master_addr: str, master_p
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
-class StudentTrainer:
+class StudentTrainer(ActorProcess):
     def __init__(
         self,
         cfg_dict: dict[str, Any],
@@ -98,14 +99,6 @@ class StudentTrainer:
             self.teacher = TeacherScorer(cfg, self.device, student=self.engine.module)
 
     # ------------------------------------------------------------ helpers
-    def pid(self) -> int:
-        return os.getpid()
-
-    def peak_memory(self) -> dict[str, float]:
-        from sdft_ray.modeling import peak_memory_mb
-
-        return peak_memory_mb()
-
     def free_address(self) -> tuple[str, int]:
         from sdft_ray.driver import _free_address
 

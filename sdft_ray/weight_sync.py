@@ -8,7 +8,7 @@ On CPU the transport is the Ray object store; on GPUs see ``actors/vllm_engine.p
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -114,3 +114,15 @@ def load_bucket_into(module: torch.nn.Module, bucket: Bucket, verify: bool = Fal
             raise WeightSyncError(f"weight {name!r}: shape {tuple(t.shape)} != receiver's {tuple(p.shape)}")
         with torch.no_grad():
             p.copy_(t.to(p.device, p.dtype))
+
+
+def receive_buckets(refs: list[Any], load: Callable[[Bucket], None], timeout_s: float, who: str) -> None:
+    """Fetch bucket ObjectRefs (or buckets passed inline) and load each; a late bucket is a loud error."""
+    import ray
+
+    for ref in refs:
+        try:
+            bucket = ray.get(ref, timeout=timeout_s) if isinstance(ref, ray.ObjectRef) else ref
+        except ray.exceptions.GetTimeoutError:
+            raise WeightSyncError(f"{who}: weight bucket did not arrive within {timeout_s}s") from None
+        load(bucket)
