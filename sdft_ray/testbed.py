@@ -96,7 +96,8 @@ def build_tokenizer(out_dir: Path) -> Any:
 def build_model(out_dir: Path, vocab_size: int, size: str = "tiny", seed: int = 0) -> torch.nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    dims = {"tiny": (64, 2, 4), "small": (128, 4, 4)}[size]
+    # head_dim 32: the smallest head size vLLM's CPU attention supports
+    dims = {"tiny": (64, 2, 2), "small": (128, 4, 4)}[size]
     cfg = LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=dims[0],

@@ -15,6 +15,10 @@ from typing import Any
 
 import torch
 
+# One bucket's layout for the GPU transports: (name, dtype name, shape). Strings, not torch.dtype: the
+# metadata must survive any serialization hop into a vLLM worker (msgpack, pickle).
+Meta = list[tuple[str, str, tuple[int, ...]]]
+
 
 class WeightSyncError(RuntimeError):
     """A weight transfer timed out or arrived corrupted. The run must not go on with unknown weights."""
@@ -47,13 +51,28 @@ def bucket_checksum(names: list[str], tensors: list[torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def tensor_digests(named: Iterable[tuple[str, torch.Tensor]]) -> dict[str, str]:
+    """Per-tensor digests (name -> sha1 of dtype, shape, bytes); a receiver can build them bucket by bucket."""
+    out = {}
+    for n, t in named:
+        h = hashlib.sha1()
+        tensor_digest(t, h)
+        out[n] = h.hexdigest()
+    return out
+
+
+def combine_digests(digests: dict[str, str]) -> str:
+    """One checksum from per-tensor digests, independent of the order the tensors arrived in."""
+    h = hashlib.sha1()
+    for n in sorted(digests):
+        h.update(n.encode())
+        h.update(digests[n].encode())
+    return h.hexdigest()
+
+
 def model_checksum(named: Iterable[tuple[str, torch.Tensor]]) -> str:
     """Order-independent digest of named tensors (for tests: rollout weights == trainer weights)."""
-    h = hashlib.sha1()
-    for n, t in sorted(named, key=lambda kv: kv[0]):
-        h.update(n.encode())
-        tensor_digest(t, h)
-    return h.hexdigest()
+    return combine_digests(tensor_digests(named))
 
 
 def _gathered(params: list[torch.nn.Parameter], zero_stage: int) -> Any:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import yaml
-from conftest import tiny_overrides
+from conftest import BACKENDS, tiny_overrides
 
 from sdft_ray.cli import main
 from sdft_ray.continual import forgetting
@@ -75,10 +76,19 @@ def test_bench_smoke_produces_every_field(tiny, ray_cluster, tmp_path: Path) -> 
     assert "samples_per_s" in (tmp_path / "b" / "bench.md").read_text()
 
 
-def test_eval_cli_scores_a_model(tiny, ray_cluster, tmp_path: Path, capsys) -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_eval_cli_scores_a_model(tiny, ray_cluster, tmp_path: Path, capsys, backend) -> None:
     data = Path(tiny["train"]).parent
-    over = tiny_overrides(tiny, tmp_path / "run", eval__max_examples=4, eval__num_samples=3, eval__greedy=False)
+    base = tiny_overrides(tiny, tmp_path / "run", rollout__backend=backend, eval__max_examples=4)
+    over = [*base, "eval.num_samples=3", "eval.greedy=false"]
     assert main(["eval", *over, "--data", str(data / "upper_eval.jsonl")]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["examples"] == 4 and 0.0 <= out["accuracy"] <= 1.0
     assert {"pass@1", "pass@3"} <= set(out) and out["pass@1"] <= out["pass@3"]
+    # greedy: one deterministic sample per example, the same on a second call
+    greedy = [*base, "eval.greedy=true", "eval.max_new_tokens=8"]
+    assert main(["eval", *greedy, "--data", str(data / "upper_eval.jsonl")]) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert main(["eval", *greedy, "--data", str(data / "upper_eval.jsonl")]) == 0
+    second = json.loads(capsys.readouterr().out)
+    assert "pass@1" not in first and first["samples"] == second["samples"]

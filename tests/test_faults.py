@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import ray
 import torch
-from conftest import tiny_overrides
+from conftest import BACKENDS, tiny_overrides
 
 from sdft_ray import checkpoint as ckpt
 from sdft_ray.config import load_config
@@ -104,7 +104,8 @@ def _run_with(tiny, out: Path, action, **extra):
     return result
 
 
-def test_rollout_actor_killed_is_restarted_and_resynced(tiny, ray_cluster, tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rollout_actor_killed_is_restarted_and_resynced(tiny, ray_cluster, tmp_path: Path, backend) -> None:
     def kill_rollout(d: SDFTDriver) -> None:
         os.kill(ray.get(d.rollouts.actors[0].pid.remote()), signal.SIGKILL)
 
@@ -115,6 +116,7 @@ def test_rollout_actor_killed_is_restarted_and_resynced(tiny, ray_cluster, tmp_p
         train__steps=10,
         rollout__max_new_tokens=24,
         pipeline__verify_weight_checksums=True,
+        rollout__backend=backend,
     )
     assert "error" not in res, res.get("error")
     assert res["summary"]["steps"] == 10 and res["summary"]["restarts"] == 1

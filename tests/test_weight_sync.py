@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 from actors.trainer import StudentTrainer
-from actors.vllm_engine import bucket_meta, pack, plan_nbytes, unpack
+from actors.vllm_engine import bucket_meta, dtype_name, pack, plan_nbytes, unpack
 from sdft_ray.weight_sync import (
     WeightSyncError,
     bucket_checksum,
@@ -68,7 +69,9 @@ def test_transfer_makes_receiver_identical_and_checks_corruption() -> None:
 
 def test_pack_unpack_roundtrip_mixed_dtypes() -> None:
     ts = [torch.randn(3, 4), torch.randn(5).to(torch.bfloat16), torch.arange(7, dtype=torch.int64), torch.randn(())]
-    meta = [(f"t{i}", t.dtype, tuple(t.shape)) for i, t in enumerate(ts)]
+    meta = [(f"t{i}", dtype_name(t.dtype), tuple(t.shape)) for i, t in enumerate(ts)]
+    # plain strings and ints (a torch.dtype would not survive msgpack into a vLLM engine-core process)
+    assert json.loads(json.dumps(meta)) == [[n, d, list(sh)] for n, d, sh in meta]
     flat = pack(ts)
     assert flat.dtype == torch.uint8 and flat.numel() == plan_nbytes(meta)
     for (_name, t), orig in zip(unpack(flat, meta), ts, strict=True):
