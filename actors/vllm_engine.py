@@ -29,6 +29,7 @@ Protocol per weight sync, bucket by bucket (``pipeline.sync_bucket_mb``):
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
 
 import torch
@@ -102,6 +103,7 @@ def engine_kwargs(cfg: Config, engine_index: int, on_gpu: bool) -> dict[str, Any
         # log-probs of the raw (temperature-1) logits, as the trainer computes them: pinned, not left to a default
         logprobs_mode="raw_logprobs",
         worker_extension_cls="actors.vllm_engine.WeightReceiver",
+        use_tqdm_on_load=False,  # a quiet console: our progress bar, not a load bar per engine
     )
     if kv_gb > 0:
         # an explicit KV size does not depend on what else is using the device (a colocated trainer, other
@@ -194,6 +196,7 @@ class VLLMGenerator:
     def __init__(self, cfg: Config, engine_index: int) -> None:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # our progress bar and messages, not vLLM's
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"vllm\.")
         try:
             import vllm
             from vllm import LLM

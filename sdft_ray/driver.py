@@ -45,6 +45,18 @@ def init_ray(num_cpus: int | None = None) -> None:
         ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1")
 
 
+def actor_runtime_env(threads: int) -> dict[str, Any]:
+    """Environment of every actor: its thread budget, and no per-actor library load bars on the console."""
+    return {
+        "env_vars": {
+            "TOKENIZERS_PARALLELISM": "false",
+            "OMP_NUM_THREADS": str(threads),
+            "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+            "TRANSFORMERS_VERBOSITY": "error",
+        }
+    }
+
+
 @dataclass
 class ActorGroup:
     """N actors of one role, restartable one by one."""
@@ -133,7 +145,7 @@ class SDFTDriver:
 
         cfg, raw = self.cfg, self.cfg.to_dict()
         t, r, te = cfg.train, cfg.rollout, cfg.teacher
-        env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(t.torch_threads)}}
+        env = actor_runtime_env(t.torch_threads)
         bundle = {"CPU": t.num_cpus, **({"GPU": t.num_gpus} if t.num_gpus else {})}
         self.trainer_pg = placement_group([bundle] * t.num_trainers, strategy="PACK")
         ray.get(self.trainer_pg.ready(), timeout=cfg.pipeline.call_timeout_s)

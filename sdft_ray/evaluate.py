@@ -127,14 +127,15 @@ def rollout_engines(cfg: Config, model_path: str | None = None) -> Iterator[list
     import ray
 
     from actors.rollout import RolloutWorker
-    from sdft_ray.driver import init_ray
+    from sdft_ray.driver import actor_runtime_env, init_ray
 
     init_ray()
     c = copy.deepcopy(cfg)
     if model_path:
         c.model.path = model_path
     r = c.rollout
-    actor = ray.remote(RolloutWorker).options(num_cpus=r.num_cpus, num_gpus=r.num_gpus)
+    env = actor_runtime_env(r.torch_threads)
+    actor = ray.remote(RolloutWorker).options(num_cpus=r.num_cpus, num_gpus=r.num_gpus, runtime_env=env)
     engines = [actor.remote(c.to_dict(), i) for i in range(r.num_engines)]
     try:
         yield engines
