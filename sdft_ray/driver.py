@@ -475,8 +475,9 @@ class SDFTDriver:
         if cfg.data.eval and self.rollouts is not None:
             from sdft_ray.evaluate import evaluate_with_engines
 
-            self.sync_weights()
-            self.wait_syncs()
+            if cfg.train.algo != "sdft":  # SDFT engines already hold the final weights (synced after each step)
+                self.sync_weights()
+                self.wait_syncs()
             summary["eval"] = evaluate_with_engines(cfg, self.tokenizer, self.rollouts.actors, cfg.data.eval)
             self.logger.log(self.step, {f"eval/{k}": v for k, v in summary["eval"].items() if not isinstance(v, list)})
         self.logger.event("end", **{k: v for k, v in summary.items() if k != "last"})
