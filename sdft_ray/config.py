@@ -140,7 +140,7 @@ class LoggingConfig:
 @dataclass
 class EvalConfig:
     every: int = 0  # evaluate on data.eval every N steps (0 = only at the end, if data.eval is set)
-    scorer: str = "exact"  # exact | answer_tag | tool_use
+    scorer: str = "exact"  # exact | answer_tag | tool_use | contains
     max_new_tokens: int = 256
     greedy: bool = True
     num_samples: int = 1  # >1 enables pass@k with the unbiased estimator
@@ -208,7 +208,7 @@ _CHOICES = {
     "train.algo": ("sdft", "sft"),
     "train.lr_scheduler": ("cosine", "constant"),
     "logging.wandb": ("offline", "online", "disabled"),
-    "eval.scorer": ("exact", "answer_tag", "tool_use"),
+    "eval.scorer": ("exact", "answer_tag", "tool_use", "contains"),
 }
 
 

@@ -59,12 +59,22 @@ def parse_tool_calls(text: str) -> tuple[Counter, dict[str, Any]] | None:
     return actions, merged
 
 
+def score_contains(pred: str, gold: str) -> bool:
+    """Short known answers to open questions ("Paris", "seven"): the gold text appears in the reply."""
+    return _norm(gold).lower() in _norm(pred).lower()
+
+
 def score_tool_use(pred: str, gold: str) -> bool:
     p, g = parse_tool_calls(pred), parse_tool_calls(gold)
     return p is not None and g is not None and bool(g[0]) and p == g
 
 
-SCORERS = {"exact": score_exact, "answer_tag": score_answer_tag, "tool_use": score_tool_use}
+SCORERS = {
+    "exact": score_exact,
+    "answer_tag": score_answer_tag,
+    "tool_use": score_tool_use,
+    "contains": score_contains,
+}
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -74,8 +84,13 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
 
 
-def evaluate_with_engines(cfg: Config, tokenizer: Any, engines: list[Any], source: str) -> dict[str, Any]:
-    """Generate for every eval example on the given rollout actors and score against the gold answers."""
+def evaluate_with_engines(
+    cfg: Config, tokenizer: Any, engines: list[Any], source: str, teacher_prompt: bool = False
+) -> dict[str, Any]:
+    """Generate for every eval example on the given rollout actors and score against the gold answers.
+
+    ``teacher_prompt``: answer from the teacher's prompt (demonstration in context) instead of the student's.
+    """
     import ray
 
     e = cfg.eval
@@ -88,7 +103,7 @@ def evaluate_with_engines(cfg: Config, tokenizer: Any, engines: list[Any], sourc
         {
             "uid": f"eval-{d.index}-{s}",
             "index": d.index,
-            "prompt_ids": d.prompt_ids,
+            "prompt_ids": d.teacher_prompt_ids if teacher_prompt else d.prompt_ids,
             "teacher_prompt_ids": d.teacher_prompt_ids,
         }
         for d in data
@@ -164,3 +179,53 @@ def run_lm_eval(model_path: str, tasks: list[str], limit: int | None = None) -> 
         raise RuntimeError("lm-eval-harness is not installed: pip install 'sdft-ray[eval]'") from e
     res = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={model_path}", tasks=tasks, limit=limit)
     return res["results"]
+
+
+def gold_logprob(model: Any, pad: int, prompts: list[list[int]], golds: list[list[int]], batch: int = 8) -> float:
+    """Mean over examples of the mean per-token log-prob of the gold answer after each prompt."""
+    import torch
+    import torch.nn.functional as F
+
+    from sdft_ray.modeling import completion_logits
+
+    means = []
+    with torch.no_grad():
+        for i in range(0, len(prompts), batch):
+            p, g = prompts[i : i + batch], golds[i : i + batch]
+            logp = F.log_softmax(completion_logits(model, p, g, pad).float(), -1)
+            for j, ids in enumerate(g):
+                means.append(logp[j, torch.arange(len(ids)), torch.tensor(ids)].mean().item())
+    return sum(means) / len(means)
+
+
+def teacher_gap(cfg: Config, sources: list[tuple[str, str]]) -> dict[str, Any]:
+    """Before any training, per task: accuracy and mean gold log-prob with the student's prompt vs the teacher's.
+
+    SDFT learns from the difference (arXiv 2605.30070 finds the final gain predicted by it): a teacher no
+    better than the student has nothing to teach. ``sources``: (eval file, scorer) pairs.
+    """
+    import torch
+
+    from sdft_ray.modeling import load_model, load_tokenizer
+
+    tok = load_tokenizer(cfg.model)
+    model = load_model(cfg.model, torch.device("cpu")).eval()
+    out: dict[str, Any] = {}
+    with rollout_engines(cfg) as engines:
+        for src, scorer in sources:
+            c = copy.deepcopy(cfg)
+            c.eval.scorer = scorer
+            examples = load_examples(c.data, src)[: c.eval.max_examples or None]
+            data = tokenize_examples(examples, tok, c.data)
+            golds = [d.demonstration_ids for d in data]
+            out[src] = {
+                "scorer": scorer,
+                "examples": len(data),
+                "student_accuracy": evaluate_with_engines(c, tok, engines, src)["accuracy"],
+                "teacher_accuracy": evaluate_with_engines(c, tok, engines, src, teacher_prompt=True)["accuracy"],
+                "student_gold_logprob": gold_logprob(model, tok.pad_token_id, [d.prompt_ids for d in data], golds),
+                "teacher_gold_logprob": gold_logprob(
+                    model, tok.pad_token_id, [d.teacher_prompt_ids for d in data], golds
+                ),
+            }
+    return out
