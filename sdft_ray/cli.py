@@ -113,7 +113,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "continual":
             from sdft_ray.continual import run_continual
 
-            _print(run_continual(args.config, args.overrides))
+            res = run_continual(args.config, args.overrides)
+            out = res["output"]
+            # a person reads the table; the same numbers are in matrix.json for scripts
+            print(
+                f"{open(f'{out}/matrix.md').read()}\n{res['summary']}\nplot: {out}/matrix.png  "
+                f"(matrix.json, matrix.md, summary.txt beside it); {res['wall_s']:.0f} s"
+            )
             return 0
         cfg = load_config(args.config, args.overrides)
         if args.cmd == "train":

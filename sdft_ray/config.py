@@ -153,6 +153,7 @@ class StageConfig:
     train: str = ""  # "" = evaluation-only task (e.g. an old skill that should not be forgotten)
     eval: str = ""
     steps: int = 0  # 0 = train.steps / epochs
+    scorer: str = ""  # "" = eval.scorer; each task may need its own (tool_use, answer_tag, contains, ...)
 
 
 @dataclass
@@ -404,6 +405,8 @@ def validate(cfg: Config) -> None:
     need(pl.sync_bucket_mb > 0 and pl.sync_timeout_s > 0, "pipeline.sync_bucket_mb/sync_timeout_s must be > 0")
     for i, st in enumerate(cfg.continual.stages):
         need(bool(st.name) and bool(st.eval), f"continual.stages[{i}] needs a name and an eval set")
+        scorers = _CHOICES["eval.scorer"]
+        need(st.scorer in ("", *scorers), f"continual.stages[{i}].scorer={st.scorer!r}; choose one of {scorers}")
     need(t.resume in ("", "auto") or Path(t.resume).is_dir(), f"train.resume: no checkpoint folder {t.resume!r}")
 
 

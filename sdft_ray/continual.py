@@ -24,8 +24,13 @@ def _score_all(cfg: Config, model_path: str) -> dict[str, float]:
     tok_cfg = copy.deepcopy(cfg.model)
     tok_cfg.path = model_path
     tok = load_tokenizer(tok_cfg)
+    scores = {}
     with rollout_engines(cfg, model_path) as engines:
-        return {st.name: evaluate_with_engines(cfg, tok, engines, st.eval)["accuracy"] for st in cfg.continual.stages}
+        for st in cfg.continual.stages:
+            c = copy.deepcopy(cfg)
+            c.eval.scorer = st.scorer or cfg.eval.scorer
+            scores[st.name] = evaluate_with_engines(c, tok, engines, st.eval)["accuracy"]
+    return scores
 
 
 def forgetting(matrix: list[list[float]]) -> list[float]:
@@ -106,3 +111,71 @@ def run_continual(config: str | None, overrides: list[str] | None = None) -> dic
         "summary": summary,
         "wall_s": time.perf_counter() - t0,
     }
+
+
+def compare_methods(
+    config: str | None,
+    base: list[str],
+    seeds: list[int],
+    new_tasks: list[str],
+    root: Path,
+    algos: tuple[str, ...] = ("sdft", "sft"),
+    note: str = "",
+) -> dict[str, Any]:
+    """The same continual run for each method and seed (same base, stages, data, budget); writes results.md/json.
+
+    Tasks in ``new_tasks`` are the skills being taught; every other stage is an old capability to keep.
+    """
+    import statistics
+
+    t0 = time.perf_counter()
+    results: dict[str, list[dict[str, Any]]] = {a: [] for a in algos}
+    for seed in seeds:
+        for algo in algos:
+            over = [
+                *base,
+                f"train.algo={algo}",
+                f"train.seed={seed}",
+                f"train.output_dir={root / f'{algo}_seed{seed}'}",
+            ]
+            results[algo].append(run_continual(config, over))
+    tasks = results[algos[0]][0]["tasks"]
+    new = [t for t in tasks if t in new_tasks]
+    old = [t for t in tasks if t not in new_tasks]
+
+    def agg(algo: str, names: list[str], row: int = -1) -> tuple[float, float]:
+        vals = [statistics.mean(r["accuracy"][row][tasks.index(t)] for t in names) for r in results[algo]]
+        return statistics.mean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
+
+    head = f"| method | new tasks ({', '.join(new)}) | old tasks ({', '.join(old)}) | " + " | ".join(tasks)
+    lines = [head + " | wall s |", "|---|---|---|" + "---|" * (len(tasks) + 1)]
+    start = results[algos[0]][0]["accuracy"][0]
+    lines.append(
+        f"| base model | {agg(algos[0], new, 0)[0]:.3f} | {agg(algos[0], old, 0)[0]:.3f} | "
+        + " | ".join(f"{v:.3f}" for v in start)
+        + " | |"
+    )
+    table = {}
+    for algo in algos:
+        n, o = agg(algo, new), agg(algo, old)
+        per = [statistics.mean(r["accuracy"][-1][j] for r in results[algo]) for j in range(len(tasks))]
+        wall = statistics.mean(r["wall_s"] for r in results[algo])
+        table[algo] = {"new_mean": n[0], "new_std": n[1], "old_mean": o[0], "old_std": o[1], "per_task": per}
+        table[algo]["wall_s"] = wall
+        lines.append(
+            f"| {algo.upper()} | {n[0]:.3f} ± {n[1]:.3f} | {o[0]:.3f} ± {o[1]:.3f} | "
+            + " | ".join(f"{p:.3f}" for p in per)
+            + f" | {wall:.0f} |"
+        )
+    total = time.perf_counter() - t0
+    lines += [
+        "",
+        f"Seeds {seeds}; mean ± std over seeds of the accuracy after the last stage; wall s = mean per run "
+        f"(training + every scoring pass); {note + '; ' if note else ''}total {total:.0f} s on this machine.",
+    ]
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "results.md").write_text("\n".join(lines) + "\n")
+    report = {"seeds": seeds, "tasks": tasks, "new": new, "old": old, "table": table, "wall_s": total}
+    report["runs"] = results
+    (root / "results.json").write_text(json.dumps(report, indent=1))
+    return report

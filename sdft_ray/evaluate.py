@@ -129,6 +129,7 @@ def evaluate_with_engines(
         "accuracy": sum(sum(v) / len(v) for v in by_ex.values()) / len(by_ex),
         "examples": len(by_ex),
         "samples": samples,
+        "per_example": {i: sum(v) / len(v) for i, v in sorted(by_ex.items())},
     }
     if n > 1:
         for k in sorted({1, min(n, 5), n}):

@@ -226,10 +226,9 @@ def run_experiment(
     extra: list[str] | None = None,
 ) -> dict[str, Any]:
     """SDFT vs SFT on the testbed: same pretrained base, same stages, several seeds; writes results.md/json."""
-    import statistics
     import time
 
-    from sdft_ray.continual import run_continual
+    from sdft_ray.continual import compare_methods
 
     t0 = time.perf_counter()
     root = Path(out)
@@ -237,73 +236,9 @@ def run_experiment(
     if not (world / "model" / "model.safetensors").exists():
         make_tiny(world, size="small", pretrain_steps=pretrain_steps, seed=0)
     t_pre = time.perf_counter() - t0
-    base = [f"model.path={world / 'model'}"]
-    base += [f"continual.stages={_stages_yaml(world)}"]
-    results: dict[str, list[dict[str, Any]]] = {"sdft": [], "sft": []}
-    for seed in seeds:
-        for algo in results:
-            r = run_continual(
-                config,
-                [
-                    *base,
-                    f"train.algo={algo}",
-                    f"train.seed={seed}",
-                    f"train.output_dir={root / f'{algo}_seed{seed}'}",
-                    *(extra or []),
-                ],
-            )
-            results[algo].append(r)
-    tasks = results["sdft"][0]["tasks"]
-    new = [t for t in tasks if t in NEW_TASKS]
-    old = [t for t in tasks if t not in NEW_TASKS]
-
-    def agg(algo: str, names: list[str], row: int = -1) -> tuple[float, float]:
-        vals = [statistics.mean(r["accuracy"][row][tasks.index(t)] for t in names) for r in results[algo]]
-        return statistics.mean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
-
-    lines = [
-        "| method | new tasks ("
-        + ", ".join(new)
-        + ") | old tasks ("
-        + ", ".join(old)
-        + ") | "
-        + " | ".join(tasks)
-        + " |",
-        "|---|---|---|" + "---|" * len(tasks),
-    ]
-    start_new, start_old = agg("sdft", new, 0), agg("sdft", old, 0)
-    lines.append(
-        f"| base model | {start_new[0]:.3f} | {start_old[0]:.3f} | "
-        + " | ".join(f"{results['sdft'][0]['accuracy'][0][j]:.3f}" for j in range(len(tasks)))
-        + " |"
-    )
-    table = {}
-    for algo in results:
-        n, o = agg(algo, new), agg(algo, old)
-        per = [statistics.mean(r["accuracy"][-1][j] for r in results[algo]) for j in range(len(tasks))]
-        table[algo] = {"new_mean": n[0], "new_std": n[1], "old_mean": o[0], "old_std": o[1], "per_task": per}
-        lines.append(
-            f"| {algo.upper()} | {n[0]:.3f} ± {n[1]:.3f} | {o[0]:.3f} ± {o[1]:.3f} | "
-            + " | ".join(f"{p:.3f}" for p in per)
-            + " |"
-        )
-    wall = time.perf_counter() - t0
-    lines.append("")
-    lines.append(
-        f"Seeds {seeds}; mean ± std over seeds of the final accuracy after all stages; "
-        f"base pretraining {t_pre:.0f} s; total {wall:.0f} s on this machine."
-    )
-    (root / "results.md").write_text("\n".join(lines) + "\n")
-    report = {
-        "seeds": seeds,
-        "tasks": tasks,
-        "new": new,
-        "old": old,
-        "table": table,
-        "wall_s": wall,
-        "pretrain_s": t_pre,
-        "runs": results,
-    }
+    base = [f"model.path={world / 'model'}", f"continual.stages={_stages_yaml(world)}", *(extra or [])]
+    report = compare_methods(config, base, seeds, NEW_TASKS, root, note=f"base pretraining {t_pre:.0f} s")
+    report["pretrain_s"] = t_pre
     (root / "results.json").write_text(json.dumps(report, indent=1))
     return report
 

@@ -18,7 +18,7 @@ def test_forgetting_definition() -> None:
     assert forgetting(m) == [0.7 - 0.4, 0.2 - 0.9]
 
 
-def test_continual_cli_writes_matrix_plot_and_summary(tiny, ray_cluster, tmp_path: Path) -> None:
+def test_continual_cli_writes_matrix_plot_and_summary(tiny, ray_cluster, tmp_path: Path, capsys) -> None:
     data = Path(tiny["train"]).parent
     cfg = {
         "continual": {
@@ -30,7 +30,8 @@ def test_continual_cli_writes_matrix_plot_and_summary(tiny, ray_cluster, tmp_pat
                     "eval": str(data / "reverse_eval.jsonl"),
                     "steps": 2,
                 },
-                {"name": "upper", "eval": str(data / "upper_eval.jsonl")},  # evaluated only: an old skill
+                # evaluated only (an old skill), with a scorer of its own
+                {"name": "upper", "eval": str(data / "upper_eval.jsonl"), "scorer": "contains"},
             ]
         },
         "eval": {"max_examples": 4, "max_new_tokens": 6},
@@ -40,6 +41,8 @@ def test_continual_cli_writes_matrix_plot_and_summary(tiny, ray_cluster, tmp_pat
     over = [o for o in tiny_overrides(tiny, tmp_path / "run") if not o.startswith("data.train")]
     assert main(["continual", "--config", str(f), *over]) == 0
     out = tmp_path / "run" / "continual"
+    shown = capsys.readouterr().out  # the console ends with the table and where the plot is
+    assert "| start |" in shown and "| forgetting |" in shown and f"plot: {out}/matrix.png" in shown
     m = json.loads((out / "matrix.json").read_text())
     assert m["rows"] == ["start", "shift", "reverse"] and m["tasks"] == ["shift", "reverse", "upper"]
     assert len(m["accuracy"]) == 3 and all(len(r) == 3 for r in m["accuracy"])
@@ -48,6 +51,23 @@ def test_continual_cli_writes_matrix_plot_and_summary(tiny, ray_cluster, tmp_pat
     assert "stage(s) trained" in (out / "summary.txt").read_text()
     # each stage started from the previous stage's weights
     assert (out / "reverse" / "checkpoints").is_dir()
+
+
+def test_compare_methods_runs_each_method_and_seed(tiny, ray_cluster, tmp_path: Path) -> None:
+    from sdft_ray.continual import compare_methods
+
+    data = Path(tiny["train"]).parent
+    stages = [
+        {"name": "shift", "train": tiny["train"], "eval": str(data / "shift_eval.jsonl"), "steps": 1},
+        {"name": "upper", "eval": str(data / "upper_eval.jsonl")},
+    ]
+    over = [o for o in tiny_overrides(tiny, tmp_path / "run") if not o.startswith("data.train")]
+    over += [f"continual.stages={json.dumps(stages)}", "eval.max_examples=4", "eval.max_new_tokens=6"]
+    rep = compare_methods(None, over, [3], ["shift"], tmp_path / "cmp")
+    assert rep["new"] == ["shift"] and rep["old"] == ["upper"] and set(rep["table"]) == {"sdft", "sft"}
+    assert all((tmp_path / "cmp" / f"{a}_seed3" / "continual" / "matrix.json").is_file() for a in ("sdft", "sft"))
+    md = (tmp_path / "cmp" / "results.md").read_text()
+    assert "| base model |" in md and "| SDFT |" in md and "| SFT |" in md and "Seeds [3]" in md
 
 
 def test_bench_smoke_produces_every_field(tiny, ray_cluster, tmp_path: Path) -> None:
