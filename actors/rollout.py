@@ -176,7 +176,7 @@ class RolloutWorker(ActorProcess):
         return version
 
     def backend_name(self) -> str:
-        version = getattr(self.backend, "version", "")
+        version = getattr(self.backend, "vllm_version", "")
         return f"vllm {version} (in-process engine)" if version else "transformers generate"
 
     def checksum(self) -> str:

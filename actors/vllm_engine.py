@@ -209,7 +209,7 @@ class VLLMGenerator:
         self.on_gpu = cfg.rollout.num_gpus > 0 and torch.cuda.is_available()
         if not self.on_gpu:
             _check_cpu_head_size(cfg)
-        self.version = vllm.__version__
+        self.vllm_version = vllm.__version__
         self.llm = LLM(**engine_kwargs(cfg, engine_index, self.on_gpu))
         self.asleep: set[str] = set()
         self.updating = False

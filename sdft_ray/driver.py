@@ -479,7 +479,8 @@ class SDFTDriver:
                 self.sync_weights()
                 self.wait_syncs()
             summary["eval"] = evaluate_with_engines(cfg, self.tokenizer, self.rollouts.actors, cfg.data.eval)
-            self.logger.log(self.step, {f"eval/{k}": v for k, v in summary["eval"].items() if not isinstance(v, list)})
+            scalars = {f"eval/{k}": v for k, v in summary["eval"].items() if not isinstance(v, (list, dict))}
+            self.logger.log(self.step, scalars)
         self.logger.event("end", **{k: v for k, v in summary.items() if k != "last"})
         self.logger.close()
         return summary

@@ -18,7 +18,7 @@ _SECRET = re.compile(r"(key|token|secret|password)", re.IGNORECASE)
 
 def redact(obj: Any) -> Any:
     if isinstance(obj, dict):
-        return {k: ("***" if _SECRET.search(k) and v else redact(v)) for k, v in obj.items()}
+        return {k: ("***" if _SECRET.search(str(k)) and v else redact(v)) for k, v in obj.items()}
     if isinstance(obj, list):
         return [redact(v) for v in obj]
     return obj

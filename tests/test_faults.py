@@ -202,3 +202,5 @@ def test_secrets_are_redacted() -> None:
 
     out = redact({"teacher": {"external_url": "http://x", "api_key": "sk-123"}, "hf_token": "hf_abc", "lr": 1})
     assert out == {"teacher": {"external_url": "http://x", "api_key": "***"}, "hf_token": "***", "lr": 1}
+    # non-string keys (per-example eval results keyed by record index) pass through
+    assert redact({"eval": {"per_example": {0: 1.0, 7: 0.5}}}) == {"eval": {"per_example": {0: 1.0, 7: 0.5}}}
