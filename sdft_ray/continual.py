@@ -24,13 +24,11 @@ def _score_all(cfg: Config, model_path: str) -> dict[str, float]:
     tok_cfg = copy.deepcopy(cfg.model)
     tok_cfg.path = model_path
     tok = load_tokenizer(tok_cfg)
-    scores = {}
     with rollout_engines(cfg, model_path) as engines:
-        for st in cfg.continual.stages:
-            c = copy.deepcopy(cfg)
-            c.eval.scorer = st.scorer or cfg.eval.scorer
-            scores[st.name] = evaluate_with_engines(c, tok, engines, st.eval)["accuracy"]
-    return scores
+        return {
+            st.name: evaluate_with_engines(cfg, tok, engines, st.eval, scorer=st.scorer)["accuracy"]
+            for st in cfg.continual.stages
+        }
 
 
 def forgetting(matrix: list[list[float]]) -> list[float]:

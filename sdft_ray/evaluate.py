@@ -85,11 +85,12 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 
 def evaluate_with_engines(
-    cfg: Config, tokenizer: Any, engines: list[Any], source: str, teacher_prompt: bool = False
+    cfg: Config, tokenizer: Any, engines: list[Any], source: str, teacher_prompt: bool = False, scorer: str = ""
 ) -> dict[str, Any]:
     """Generate for every eval example on the given rollout actors and score against the gold answers.
 
     ``teacher_prompt``: answer from the teacher's prompt (demonstration in context) instead of the student's.
+    ``scorer``: this source's scorer ("" = ``eval.scorer``); tasks in one run may each need their own.
     """
     import ray
 
@@ -115,13 +116,13 @@ def evaluate_with_engines(
         for i, eng in enumerate(engines)
     ]
     outs = [o for shard in ray.get(refs, timeout=cfg.pipeline.call_timeout_s) for o in shard]
-    scorer = SCORERS[e.scorer]
+    score = SCORERS[scorer or e.scorer]
     by_ex: dict[int, list[bool]] = {}
     samples = []
     gold_of = {d.index: (d.answer if d.answer is not None else d.demonstration) or "" for d in data}
     for o in outs:
         text = tokenizer.decode(o["completion_ids"], skip_special_tokens=True)
-        ok = scorer(text, gold_of[o["index"]])
+        ok = score(text, gold_of[o["index"]])
         by_ex.setdefault(o["index"], []).append(ok)
         if len(samples) < 5:
             samples.append({"index": o["index"], "output": text, "gold": gold_of[o["index"]], "correct": ok})
@@ -214,16 +215,14 @@ def teacher_gap(cfg: Config, sources: list[tuple[str, str]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     with rollout_engines(cfg) as engines:
         for src, scorer in sources:
-            c = copy.deepcopy(cfg)
-            c.eval.scorer = scorer
-            examples = load_examples(c.data, src)[: c.eval.max_examples or None]
-            data = tokenize_examples(examples, tok, c.data)
+            examples = load_examples(cfg.data, src)[: cfg.eval.max_examples or None]
+            data = tokenize_examples(examples, tok, cfg.data)
             golds = [d.demonstration_ids for d in data]
             out[src] = {
                 "scorer": scorer,
                 "examples": len(data),
-                "student_accuracy": evaluate_with_engines(c, tok, engines, src)["accuracy"],
-                "teacher_accuracy": evaluate_with_engines(c, tok, engines, src, teacher_prompt=True)["accuracy"],
+                "student_accuracy": evaluate_with_engines(cfg, tok, engines, src, scorer=scorer)["accuracy"],
+                "teacher_accuracy": evaluate_with_engines(cfg, tok, engines, src, True, scorer)["accuracy"],
                 "student_gold_logprob": gold_logprob(model, tok.pad_token_id, [d.prompt_ids for d in data], golds),
                 "teacher_gold_logprob": gold_logprob(
                     model, tok.pad_token_id, [d.teacher_prompt_ids for d in data], golds
