@@ -105,6 +105,12 @@ def engine_kwargs(cfg: Config, engine_index: int, on_gpu: bool) -> dict[str, Any
         worker_extension_cls="actors.vllm_engine.WeightReceiver",
         use_tqdm_on_load=False,  # a quiet console: our progress bar, not a load bar per engine
     )
+    if not on_gpu:
+        # Whole prompts per step on CPU. With chunked prefill vLLM rewinds the seeded generator of a
+        # half-prefilled request by an offset (gpu_model_runner._bookkeeping_sync); CPU generators have no
+        # offset, so any seeded batch with more prompt tokens than one step takes crashed the engine.
+        kwargs["enable_chunked_prefill"] = False
+        kwargs["max_num_batched_tokens"] = max(4096, kwargs["max_model_len"])
     if kv_gb > 0:
         # an explicit KV size does not depend on what else is using the device (a colocated trainer, other
         # actors' RAM on CPU), unlike gpu_memory_utilization's profiling

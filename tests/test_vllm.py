@@ -88,6 +88,25 @@ def test_vllm_rollouts_distinct_per_request_and_reproducible(engine) -> None:
 
 
 @requires_vllm
+def test_seeded_batch_larger_than_one_step_token_budget(engine) -> None:
+    """More prompt tokens than vLLM schedules in one step (4096 on CPU), each request with its own seed.
+
+    With chunked prefill, vLLM rewinds the seeded generator of a half-prefilled request by an offset, which a
+    CPU generator does not have: the engine died with "CPU Generator does not use offset" (found running the
+    teacher gap: 32 prompts x 4 samples x ~210 tokens).
+    """
+    cfg, actor = engine
+    base = _items(cfg, 1)[0]
+    prompts = [(base["prompt_ids"] * 40)[-(300 + k) :] for k in range(24)]  # distinct, 7.5k tokens in all
+    items = [{**base, "prompt_ids": p, "uid": f"big-{k}"} for k, p in enumerate(prompts)]
+    assert sum(len(p) for p in prompts) > 4096
+    outs = ray.get(actor.generate.remote(items, seed=11))
+    assert len(outs) == 24 and all(len(o["completion_ids"]) == len(o["rollout_logprobs"]) > 0 for o in outs)
+    model = load_model(cfg.model, torch.device("cpu")).eval()
+    assert _max_diff(outs[:4], _trainer_logprobs(model, cfg, outs[:4])) < LOGPROB_TOL
+
+
+@requires_vllm
 def test_weight_update_takes_effect_and_drops_stale_prefix_cache(engine) -> None:
     """A prompt longer than a KV block, seen before an update, must be recomputed after it.
 
@@ -129,9 +148,10 @@ def test_engine_kwargs_cpu_and_gpu(tiny, tmp_path: Path) -> None:
     assert cpu["kv_cache_memory_bytes"] == int(0.25 * 2**30) and "gpu_memory_utilization" not in cpu
     assert cpu["logprobs_mode"] == "raw_logprobs" and cpu["distributed_executor_backend"] is None
     assert cpu["worker_extension_cls"] == "actors.vllm_engine.WeightReceiver"
+    assert cpu["enable_chunked_prefill"] is False and cpu["max_num_batched_tokens"] >= cpu["max_model_len"]
     cfg.rollout.tensor_parallel_size, cfg.rollout.kv_cache_memory_gb = 2, 0.0
     gpu = engine_kwargs(cfg, 1, on_gpu=True)
     # GPU: bf16, sleep mode, KV from utilization, and "mp" for TP>1 (the actor already holds its GPUs)
     assert gpu["dtype"] == "bfloat16" and gpu["enable_sleep_mode"] is True
     assert gpu["distributed_executor_backend"] == "mp" and "kv_cache_memory_bytes" not in gpu
-    assert gpu["seed"] == cfg.train.seed + 1
+    assert gpu["seed"] == cfg.train.seed + 1 and "enable_chunked_prefill" not in gpu
