@@ -19,6 +19,7 @@ from actors.base import ActorProcess
 from actors.teacher import TeacherScorer
 from sdft_ray.config import config_from_dict
 from sdft_ray.ds_config import deepspeed_config, grad_accum_steps, lr_lambda
+from sdft_ray.errors import NonFiniteLossError
 from sdft_ray.losses import LossOutput, sdft_loss, sft_loss
 from sdft_ray.modeling import (
     completion_logits,
@@ -29,10 +30,6 @@ from sdft_ray.modeling import (
     pad_right,
 )
 from sdft_ray.weight_sync import Bucket, Meta, bucket_checksum, iter_param_buckets, model_checksum
-
-
-class NonFiniteLossError(RuntimeError):
-    """Too many consecutive optimizer steps had a non-finite loss; the run stops before corrupting weights."""
 
 
 def _init_distributed_env(rank: int, world_size: int, master_addr: str, master_port: int) -> None:

@@ -14,6 +14,15 @@ import sys
 from typing import Any
 
 from sdft_ray.config import ConfigError, load_config
+from sdft_ray.errors import (
+    ActorFailure,
+    DataError,
+    ModelError,
+    NonFiniteLossError,
+    Stopped,
+    WeightSyncError,
+    stop_on_sigterm,
+)
 from sdft_ray.evaluate import SCORERS
 
 
@@ -85,10 +94,14 @@ def main(argv: list[str] | None = None) -> int:
         # SDFT_OVERRIDES (e.g. forwarded by launch/submit.sh) comes first, so the command line still wins
         args.overrides = shlex.split(os.environ.get("SDFT_OVERRIDES", "")) + args.overrides
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # the driver loads models too (teacher gap, drift, conversion): same quiet console as the actors
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     problem = check_torchvision()
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
+    stop_on_sigterm()  # init_ray sets it again once Ray has started (ray.init replaces it)
 
     try:
         if args.cmd == "make-tiny":
@@ -150,12 +163,30 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    except (DataError, ModelError) as e:
+        # raised in the driver or inside an actor (Ray's wrapper is also an instance of the cause's class)
+        print(f"{'data' if isinstance(e, DataError) else 'model'} error: {_cause(e)}", file=sys.stderr)
+        return 2
+    except (ActorFailure, WeightSyncError, NonFiniteLossError) as e:
+        print(f"error: {_cause(e)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as e:
+        # train() has already stopped its actors (its finally); checkpoints are only ever replaced whole
+        how = "SIGTERM" if isinstance(e, Stopped) else "Ctrl-C (SIGINT)"
+        print(f"sdft-ray: stopped by {how}; the last complete checkpoint is kept", file=sys.stderr)
+        return 130
     except RuntimeError as e:
         if "not installed" not in str(e):
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def _cause(e: BaseException) -> str:
+    """The original message of an exception raised inside a Ray actor, without Ray's traceback wrapper."""
+    cause = getattr(e, "cause", None)
+    return str(cause if isinstance(cause, BaseException) else e)
 
 
 def _print(obj: Any) -> None:

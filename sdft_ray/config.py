@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -337,8 +338,24 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return cfg
 
 
+def _non_finite(node: Any, prefix: str = "") -> str | None:
+    """The first float setting that is inf or nan (``train.lr=inf`` parses as a float, then breaks sampling)."""
+    for f in dataclasses.fields(node):
+        value = getattr(node, f.name)
+        if dataclasses.is_dataclass(value):
+            found = _non_finite(value, f"{prefix}{f.name}.")
+            if found:
+                return found
+        elif isinstance(value, float) and not math.isfinite(value):
+            return f"{prefix}{f.name}={value}"
+    return None
+
+
 def validate(cfg: Config) -> None:
     """Reject configs that would fail later, with the key that is wrong."""
+    bad = _non_finite(cfg)
+    if bad:
+        raise ConfigError(f"{bad}: must be a finite number")
     for key, allowed in _CHOICES.items():
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)

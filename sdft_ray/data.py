@@ -14,14 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from sdft_ray.config import DataConfig
+from sdft_ray.errors import DataError
 
 log = logging.getLogger(__name__)
 
 Messages = list[dict[str, str]]
-
-
-class DataError(ValueError):
-    """A dataset or record is unusable; the message names the file, the record and the field."""
 
 
 @dataclass
@@ -61,7 +58,7 @@ def _read_json_records(path: Path) -> list[Any]:
     # one bad row into an error about column types with no row number, and we promise file + row + field.
     raw = path.read_bytes()
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")  # a leading BOM is what many Windows editors write: accept it
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
         raise DataError(f"{path}: not UTF-8 at byte {e.start} (line {line}): {e.reason}") from None
@@ -105,20 +102,44 @@ def read_records(source: str, split: str = "train") -> tuple[str, list[Any]]:
         if path.suffix == ".parquet":
             import datasets
 
-            return str(path), list(datasets.load_dataset("parquet", data_files=str(path), split="train"))
+            try:
+                return str(path), list(datasets.load_dataset("parquet", data_files=str(path), split="train"))
+            except Exception as e:  # pyarrow raises several types for a damaged file
+                raise DataError(f"{path}: not a readable parquet file ({_first_line(e)})") from None
         raise DataError(f"{path}: unsupported file type {path.suffix!r} (use .json, .jsonl or .parquet)")
     import datasets
 
     if path.is_dir():
-        ds = datasets.load_from_disk(str(path))
+        markers = ("dataset_dict.json", "state.json")
+        if not any((path / m).is_file() for m in markers):
+            what = "is empty" if not any(path.iterdir()) else f"has no {' or '.join(markers)}"
+            raise DataError(
+                f"{path}: a folder, but not one written by datasets' save_to_disk ({what}); "
+                "give a .json/.jsonl/.parquet file or a save_to_disk folder"
+            )
+        try:
+            ds = datasets.load_from_disk(str(path))
+        except (FileNotFoundError, ValueError, OSError) as e:
+            raise DataError(f"{path}: damaged save_to_disk folder ({_first_line(e)})") from None
         if isinstance(ds, datasets.DatasetDict):
             if split not in ds:
                 raise DataError(f"{path}: no split {split!r}; has {', '.join(ds)}")
             ds = ds[split]
         return str(path), list(ds)
-    if source.startswith((".", "/")) or source.endswith((".json", ".jsonl", ".parquet")):
+    # "org/name" may be a hub dataset; anything else that looks like a path is a missing file
+    if source.startswith((".", "/", "~")) or source.count("/") > 1 or path.suffix:
         raise DataError(f"{source}: no such file or folder")
-    return source, list(datasets.load_dataset(source, split=split))
+    try:
+        return source, list(datasets.load_dataset(source, split=split))
+    except Exception as e:  # offline, unknown name, no such split: datasets raises many types
+        raise DataError(
+            f"{source}: no such local file or folder, and loading it as a hub dataset failed ({_first_line(e)})"
+        ) from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"
 
 
 # ---------------------------------------------------------------- normalizing

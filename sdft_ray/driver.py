@@ -22,14 +22,11 @@ from sdft_ray import checkpoint as ckpt
 from sdft_ray.config import Config
 from sdft_ray.data import LoadReport, PromptSampler, load_examples, tokenize_examples
 from sdft_ray.ds_config import samples_per_step
+from sdft_ray.errors import ActorFailure, stop_on_sigterm
 from sdft_ray.metrics import MetricsLogger
 from sdft_ray.modeling import load_tokenizer
 
 log = logging.getLogger(__name__)
-
-
-class ActorFailure(RuntimeError):
-    """An actor died or a remote call timed out and the run cannot continue; the message says what to do."""
 
 
 def init_ray(num_cpus: int | None = None) -> None:
@@ -43,6 +40,7 @@ def init_ray(num_cpus: int | None = None) -> None:
     else:
         # Loopback only, no dashboard: a laptop run must not listen on the network.
         ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1")
+    stop_on_sigterm()  # ray.init installed its own SIGTERM handler, which aborts without stopping our actors
 
 
 def actor_runtime_env(threads: int) -> dict[str, Any]:
@@ -104,6 +102,36 @@ def _free_address() -> tuple[str, int]:
     return ray.util.get_node_ip_address(), port
 
 
+def check_resources(cfg: Config, cluster: dict[str, float]) -> None:
+    """Fail in seconds, naming the settings, when the job asks for more CPUs/GPUs than the cluster has in all.
+
+    Without this, Ray waits for resources that will never appear and the job dies at pipeline.call_timeout_s.
+    """
+    t, r, te = cfg.train, cfg.rollout, cfg.teacher
+    need = {
+        "CPU": t.num_trainers * t.num_cpus,
+        "GPU": t.num_trainers * t.num_gpus,
+    }
+    parts = {"CPU": [f"train: {t.num_trainers} x {t.num_cpus}"], "GPU": [f"train: {t.num_trainers} x {t.num_gpus}"]}
+    if t.algo == "sdft" or cfg.data.eval:
+        need["CPU"] += r.num_engines * r.num_cpus
+        need["GPU"] += r.num_engines * r.num_gpus
+        parts["CPU"].append(f"rollout: {r.num_engines} x {r.num_cpus}")
+        parts["GPU"].append(f"rollout: {r.num_engines} x {r.num_gpus}")
+    if t.algo == "sdft" and not cfg.teacher_colocated:
+        need["CPU"] += te.num_actors * te.num_cpus
+        need["GPU"] += te.num_actors * te.num_gpus
+        parts["CPU"].append(f"teacher: {te.num_actors} x {te.num_cpus}")
+        parts["GPU"].append(f"teacher: {te.num_actors} x {te.num_gpus}")
+    for kind, amount in need.items():
+        have = cluster.get(kind, 0.0)
+        if amount > have + 1e-9:
+            raise ActorFailure(
+                f"the job needs {amount:g} {kind}s ({', '.join(parts[kind])}) but the Ray cluster has {have:g}; "
+                f"lower the num_{kind.lower()}s settings or add nodes"
+            )
+
+
 @dataclass
 class InFlight:
     step: int
@@ -132,6 +160,11 @@ class SDFTDriver:
         self.pending_sends: list[Any] = []
         self.last_sync_s = 0.0
         self.weights_verified = 0
+        # set before any actor starts, so shutdown() after a failed start reports the failure, not itself
+        self.rollouts: ActorGroup | None = None
+        self.teachers: ActorGroup | None = None
+        self.trainers: list[Any] = []
+        self.trainer_pg: Any = None
 
     # ------------------------------------------------------------ actors
     def start_actors(self) -> None:
@@ -147,8 +180,9 @@ class SDFTDriver:
         t, r, te = cfg.train, cfg.rollout, cfg.teacher
         env = actor_runtime_env(t.torch_threads)
         bundle = {"CPU": t.num_cpus, **({"GPU": t.num_gpus} if t.num_gpus else {})}
+        check_resources(cfg, ray.cluster_resources())
         self.trainer_pg = placement_group([bundle] * t.num_trainers, strategy="PACK")
-        ray.get(self.trainer_pg.ready(), timeout=cfg.pipeline.call_timeout_s)
+        self._get(self.trainer_pg.ready(), f"placing {t.num_trainers} trainer(s) of {bundle}")
 
         def in_bundle(i: int) -> dict[str, Any]:
             return {
@@ -199,12 +233,13 @@ class SDFTDriver:
         import ray
 
         for group in (self.rollouts, self.teachers):
-            for a in getattr(group, "actors", []) or []:
+            for a in group.actors if group is not None else []:
                 ray.kill(a)
-        for a in getattr(self, "trainers", []):
+        for a in self.trainers:
             ray.kill(a)
-        if getattr(self, "trainer_pg", None) is not None:
+        if self.trainer_pg is not None:
             ray.util.remove_placement_group(self.trainer_pg)
+            self.trainer_pg = None
 
     def _get(self, refs: Any, what: str, timeout: float | None = None) -> Any:
         import ray
@@ -511,8 +546,8 @@ def _is_dead(actor: Any) -> bool:
 
 def train(cfg: Config) -> dict[str, Any]:
     """Run one training job end to end (starting Ray if needed); returns a summary."""
+    driver = SDFTDriver(cfg)  # data and model folder checked before Ray starts: bad input fails in seconds
     init_ray()
-    driver = SDFTDriver(cfg)
     try:
         return driver.run()
     finally:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from sdft_ray.config import ModelConfig
+from sdft_ray.errors import ModelError
 
 
 def device_for(num_gpus: float) -> torch.device:
@@ -20,10 +23,76 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return getattr(torch, name)
 
 
+def _looks_local(path: str) -> bool:
+    # hub ids are "name" or "org/name"; anything else (absolute, ./, ~, deeper paths) can only be a folder, and
+    # so is "dir/name" when "dir" is a folder here (models/my-run)
+    p = Path(path)
+    return (
+        p.exists()
+        or path.startswith((".", "/", "~"))
+        or path.count("/") > 1
+        or "\\" in path
+        or (len(p.parts) > 1 and Path(p.parts[0]).is_dir())
+    )
+
+
+def check_model(path: str, trust_remote_code: bool = False, weights: bool = True) -> None:
+    """Fail in the driver, before any actor starts, on a model folder that every actor would fail to load.
+
+    Hub ids are left to transformers (they may be cached or reachable); local folders must hold a config and
+    safetensors weights whose headers parse.
+    """
+    if not _looks_local(path):
+        return
+    folder = Path(path).expanduser()
+    if not folder.exists():
+        raise ModelError(f"no model at {path}: the folder does not exist (model.path)")
+    if not folder.is_dir():
+        raise ModelError(f"model.path {path} is a file; give the folder written by save_pretrained")
+    if not weights:  # a tokenizer-only folder has no config.json or weights
+        return
+    config = folder / "config.json"
+    if not config.is_file():
+        raise ModelError(f"no model at {path}: {config} is missing (model.path must be a save_pretrained folder)")
+    try:
+        meta = json.loads(config.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelError(f"{config} is not valid JSON ({e})") from None
+    if meta.get("auto_map") and not trust_remote_code:
+        raise ModelError(
+            f"{config} asks for the model's own Python code (auto_map); it runs only with "
+            "model.trust_remote_code=true, which executes that code: set it only for a model you trust"
+        )
+    weights = sorted(folder.glob("*.safetensors"))
+    if not weights:
+        pickles = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt"))
+        if pickles:
+            raise ModelError(
+                f"{folder} has only pickle weights ({', '.join(pickles[:3])}); sdft-ray loads safetensors only "
+                '(unpickling runs code). Convert once with: python -c "from transformers import '
+                f"AutoModelForCausalLM as M; M.from_pretrained('{path}').save_pretrained('{path}')\""
+            )
+        raise ModelError(f"no model weights in {folder}: expected *.safetensors files")
+    from safetensors import safe_open
+
+    for w in weights:
+        try:
+            with safe_open(str(w), framework="pt") as f:
+                f.keys()
+        except Exception as e:  # safetensors raises its own error types for every kind of damage
+            raise ModelError(f"{w} is damaged ({e}); restore or re-save the model") from None
+
+
 def load_tokenizer(cfg: ModelConfig) -> Any:
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.path, trust_remote_code=cfg.trust_remote_code)
+    check_model(cfg.tokenizer or cfg.path, cfg.trust_remote_code, weights=not cfg.tokenizer)
+    name = cfg.tokenizer or cfg.path
+    try:
+        tok = AutoTokenizer.from_pretrained(name, trust_remote_code=cfg.trust_remote_code)
+    except OSError as e:  # a hub id that is neither cached nor reachable: transformers' message is a page long
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"no model at {name}: not a local folder, and not loadable from the hub ({first})") from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -33,6 +102,7 @@ def load_model(cfg: ModelConfig, device: torch.device, path: str | None = None) 
     """A causal LM from a hub name or local folder; safetensors only, remote code only when asked."""
     from transformers import AutoModelForCausalLM
 
+    check_model(path or cfg.path, cfg.trust_remote_code)
     kwargs: dict[str, Any] = dict(
         dtype=resolve_dtype(cfg.dtype, device),
         trust_remote_code=cfg.trust_remote_code,

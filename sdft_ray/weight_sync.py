@@ -15,13 +15,11 @@ from typing import Any
 
 import torch
 
+from sdft_ray.errors import WeightSyncError
+
 # One bucket's layout for the GPU transports: (name, dtype name, shape). Strings, not torch.dtype: the
 # metadata must survive any serialization hop into a vLLM worker (msgpack, pickle).
 Meta = list[tuple[str, str, tuple[int, ...]]]
-
-
-class WeightSyncError(RuntimeError):
-    """A weight transfer timed out or arrived corrupted. The run must not go on with unknown weights."""
 
 
 @dataclass

@@ -41,6 +41,9 @@ def test_yaml_then_overrides(tmp_path: Path) -> None:
         ("teacher.kind=external", "teacher.external_url"),
         ("train.resume=/nope", "no checkpoint folder"),
         ("teacher.placement=separate", "seq x vocab"),
+        ("train.lr=inf", "train.lr=inf: must be a finite number"),
+        ("loss.importance_clip=nan", "loss.importance_clip=nan: must be a finite number"),
+        ("rollout.temperature=-inf", "rollout.temperature=-inf: must be a finite number"),
     ],
 )
 def test_bad_values_name_the_key(override: str, needle: str) -> None:

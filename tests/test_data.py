@@ -156,3 +156,49 @@ def test_json_lines_saved_as_json(tmp_path: Path) -> None:
     f = tmp_path / "d.json"
     f.write_text('{"prompt": "a", "golden_response": "x"}\n{"prompt": "b", "golden_response": "y"}\n')
     assert [e.demonstration for e in load_examples(DataConfig(train=str(f)))] == ["x", "y"]
+
+
+def test_utf8_bom_is_accepted(tmp_path: Path) -> None:
+    for name in ("d.jsonl", "d.json"):
+        f = tmp_path / name
+        body = (
+            '{"prompt": "q", "golden_response": "a"}\n'
+            if name.endswith("l")
+            else '[{"prompt": "q", "golden_response": "a"}]'
+        )
+        f.write_bytes(b"\xef\xbb\xbf" + body.encode())
+        assert [e.demonstration for e in load_examples(DataConfig(train=str(f)))] == ["a"]
+
+
+def test_folders_and_paths_that_are_not_datasets(tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError, match=r"empty: a folder, but not one written by datasets' save_to_disk \(is empty\)"):
+        load_examples(DataConfig(train=str(empty)))
+    datasets = pytest.importorskip("datasets")
+    saved = tmp_path / "saved"
+    datasets.Dataset.from_list([{"prompt": "q", "golden_response": "a"}]).save_to_disk(str(saved))
+    (saved / "dataset_info.json").unlink()
+    with pytest.raises(DataError, match=r"saved: damaged save_to_disk folder \(FileNotFoundError"):
+        load_examples(DataConfig(train=str(saved)))
+    (saved / "state.json").unlink()
+    with pytest.raises(
+        DataError, match=r"saved: a folder, but not one written by .*has no dataset_dict.json or state.json"
+    ):
+        load_examples(DataConfig(train=str(saved)))
+    for missing in ("data/nope/train.jsonl", "nope.jsonl", "./nope", "~/nope"):
+        with pytest.raises(DataError, match=f"{missing}: no such file or folder"):
+            load_examples(DataConfig(train=missing))
+    bad = tmp_path / "d.parquet"
+    bad.write_bytes(b"PAR1 not really")
+    with pytest.raises(DataError, match="d.parquet: not a readable parquet file"):
+        load_examples(DataConfig(train=str(bad)))
+
+
+def test_hub_name_that_cannot_be_loaded_is_a_data_error(monkeypatch) -> None:
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(
+        DataError, match="nobody/no-such-dataset: no such local file or folder, and loading it as a hub"
+    ):
+        load_examples(DataConfig(train="nobody/no-such-dataset"))

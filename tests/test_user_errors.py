@@ -1,0 +1,122 @@
+"""What a new user trips on gets one clear line, not a traceback: bad data, bad model folders, impossible
+resource requests, non-finite settings, and stopping a run with Ctrl-C or SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from conftest import tiny_overrides
+
+from sdft_ray import checkpoint as ckpt
+from sdft_ray.cli import main
+from sdft_ray.errors import ModelError
+from sdft_ray.modeling import check_model
+
+
+def _one_line_error(capsys, prefix: str) -> str:
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and err.count("\n") == 0, err
+    assert err.startswith(prefix), err
+    return err
+
+
+def test_data_error_is_one_line_naming_file_record_and_field(tiny, tmp_path: Path, capsys) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "q", "golden_response": "a"}\n{"prompt": "q2", "golden_response": 5}\n')
+    over = tiny_overrides(tiny, tmp_path / "run", data__train=str(bad))
+    t0 = time.perf_counter()
+    assert main(["train", *over]) == 2
+    err = _one_line_error(capsys, "data error: ")
+    assert f"{bad}: record 1" in err and "golden_response" in err
+    assert time.perf_counter() - t0 < 30  # before any actor starts
+    assert main(["train", *tiny_overrides(tiny, tmp_path / "run", data__train="data/nothing/here.jsonl")]) == 2
+    assert "data/nothing/here.jsonl: no such file or folder" in _one_line_error(capsys, "data error: ")
+
+
+@pytest.mark.parametrize("path", ["/no/such/model", "models/no-such-model", "./nope"])
+def test_missing_model_folder_is_named_before_any_actor(tiny, tmp_path: Path, capsys, monkeypatch, path: str) -> None:
+    (tmp_path / "models").mkdir()  # "models/x" is a local path where a models/ folder exists, as in a repo
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", *tiny_overrides(tiny, tmp_path / "run", model__path=path)]) == 2
+    err = _one_line_error(capsys, "model error: ")
+    assert f"no model at {path}" in err
+
+
+def test_damaged_pickle_only_and_remote_code_model_folders(tiny, tmp_path: Path) -> None:
+    good = Path(tiny["model"])
+    check_model(str(good))
+    weights = tmp_path / "corrupt"
+    shutil.copytree(good, weights)
+    f = weights / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:1000])
+    with pytest.raises(ModelError, match=r"corrupt/model.safetensors is damaged \(.*\); restore or re-save"):
+        check_model(str(weights))
+    pickle_only = tmp_path / "pickle"
+    shutil.copytree(good, pickle_only)
+    (pickle_only / "model.safetensors").rename(pickle_only / "pytorch_model.bin")
+    with pytest.raises(ModelError, match=r"only pickle weights \(pytorch_model.bin\); sdft-ray loads safetensors"):
+        check_model(str(pickle_only))
+    remote = tmp_path / "remote"
+    shutil.copytree(good, remote)
+    cfg = json.loads((remote / "config.json").read_text())
+    (remote / "config.json").write_text(json.dumps({**cfg, "auto_map": {"AutoModelForCausalLM": "x.Model"}}))
+    with pytest.raises(ModelError, match="auto_map.*model.trust_remote_code=true"):
+        check_model(str(remote))
+    check_model(str(remote), trust_remote_code=True)
+    check_model("HuggingFaceTB/SmolLM2-135M-Instruct")  # a hub id is left to transformers
+
+
+def test_impossible_resource_request_fails_fast_with_the_real_cause(tiny, ray_cluster, tmp_path: Path, capsys) -> None:
+    """Before: a wait until call_timeout_s, then AttributeError from shutdown() hid the cause."""
+    t0 = time.perf_counter()
+    assert main(["train", *tiny_overrides(tiny, tmp_path / "run", train__num_cpus=64)]) == 1
+    err = _one_line_error(capsys, "error: ")
+    assert "needs 64.5 CPUs (train: 1 x 64.0, rollout: 1 x 0.5) but the Ray cluster has 2" in err
+    assert time.perf_counter() - t0 < 30
+
+
+def _child_pids(pid: int) -> list[int]:
+    try:
+        return [c.pid for c in psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_stops_cleanly_keeping_the_last_checkpoint(tiny, tmp_path: Path, sig: signal.Signals) -> None:
+    out = tmp_path / "run"
+    over = tiny_overrides(tiny, out, train__steps=400, train__save_every=2, pipeline__max_staleness=0)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sdft_ray.cli", "train", *over],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 300
+    while not ckpt.complete_checkpoints(str(out)):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-2000:]
+        time.sleep(0.1)
+    children = _child_pids(proc.pid)
+    assert children  # Ray's processes, started by this run
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    name = "SIGTERM" if sig == signal.SIGTERM else "Ctrl-C (SIGINT)"
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    assert f"sdft-ray: stopped by {name}; the last complete checkpoint is kept" in err
+    last = ckpt.complete_checkpoints(str(out))[-1]
+    assert (last / "student" / "model.safetensors").is_file()
+    time.sleep(10)  # Ray's own processes exit shortly after the driver
+    alive = [p for p in children if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    assert not alive, [psutil.Process(p).cmdline()[:3] for p in alive]
