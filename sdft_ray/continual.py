@@ -38,12 +38,13 @@ def forgetting(matrix: list[list[float]]) -> list[float]:
     return [max(row[j] for row in matrix[:-1]) - matrix[-1][j] for j in range(len(matrix[0]))]
 
 
-def write_reports(out: Path, rows: list[str], tasks: list[str], matrix: list[list[float]], algo: str) -> str:
+def write_reports(
+    out: Path, rows: list[str], tasks: list[str], matrix: list[list[float]], algo: str, extra: dict | None = None
+) -> str:
     out.mkdir(parents=True, exist_ok=True)
     fg = forgetting(matrix)
-    (out / "matrix.json").write_text(
-        json.dumps({"algo": algo, "rows": rows, "tasks": tasks, "accuracy": matrix, "forgetting": fg}, indent=1)
-    )
+    record = {"algo": algo, "rows": rows, "tasks": tasks, "accuracy": matrix, "forgetting": fg, **(extra or {})}
+    (out / "matrix.json").write_text(json.dumps(record, indent=1))
     lines = [f"| after \\ task ({algo}) | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
     lines += [f"| {r} | " + " | ".join(f"{a:.3f}" for a in row) + " |" for r, row in zip(rows, matrix, strict=True)]
     lines.append("| forgetting | " + " | ".join(f"{f:+.3f}" for f in fg) + " |")
@@ -98,7 +99,9 @@ def run_continual(config: str | None, overrides: list[str] | None = None) -> dic
         scores = _score_all(cfg, model)
         rows.append(st.name)
         matrix.append([scores[t] for t in tasks])
-    summary = write_reports(out, rows, tasks, matrix, cfg.train.algo)
+    wall = time.perf_counter() - t0
+    run = {"config": config, "overrides": list(overrides or []), "wall_s": wall}
+    summary = write_reports(out, rows, tasks, matrix, cfg.train.algo, run)
     (out / "summary.txt").write_text(summary + "\n")
     return {
         "output": str(out),
@@ -107,8 +110,25 @@ def run_continual(config: str | None, overrides: list[str] | None = None) -> dic
         "accuracy": matrix,
         "forgetting": forgetting(matrix),
         "summary": summary,
-        "wall_s": time.perf_counter() - t0,
+        "wall_s": wall,
     }
+
+
+def finished_run(out: Path, config: str | None, overrides: list[str]) -> dict[str, Any] | None:
+    """The result of a continual run already completed in ``out`` with exactly this config, else None.
+
+    Lets a multi-seed comparison that was interrupted (or extended with more seeds) go on without redoing
+    runs; a run with other settings in the same folder is never reused.
+    """
+    path = out / "continual" / "matrix.json"
+    if not path.is_file():
+        return None
+    rec = json.loads(path.read_text())
+    if rec.get("config") != config or rec.get("overrides") != list(overrides) or "wall_s" not in rec:
+        return None
+    note = path.parent / "summary.txt"
+    summary = note.read_text().strip() if note.is_file() else ""
+    return {"output": str(path.parent), "summary": summary, **rec}
 
 
 def compare_methods(
@@ -136,7 +156,10 @@ def compare_methods(
                 f"train.seed={seed}",
                 f"train.output_dir={root / f'{algo}_seed{seed}'}",
             ]
-            results[algo].append(run_continual(config, over))
+            done = finished_run(root / f"{algo}_seed{seed}", config, over)
+            if done is not None:
+                print(f"sdft-ray: reusing the finished {algo} seed {seed} run in {done['output']}", flush=True)
+            results[algo].append(done or run_continual(config, over))
     tasks = results[algos[0]][0]["tasks"]
     new = [t for t in tasks if t in new_tasks]
     old = [t for t in tasks if t not in new_tasks]

@@ -200,11 +200,15 @@ def gold_logprob(model: Any, pad: int, prompts: list[list[int]], golds: list[lis
     return sum(means) / len(means)
 
 
-def teacher_gap(cfg: Config, sources: list[tuple[str, str]]) -> dict[str, Any]:
+def teacher_gap(cfg: Config, sources: list[tuple[str, str]], samples: int = 4) -> dict[str, Any]:
     """Before any training, per task: accuracy and mean gold log-prob with the student's prompt vs the teacher's.
 
     SDFT learns from the difference (arXiv 2605.30070 finds the final gain predicted by it): a teacher no
     better than the student has nothing to teach. ``sources``: (eval file, scorer) pairs.
+
+    Accuracy is measured twice: greedy, and sampled at the rollout temperature (``samples`` per example). The
+    sampled one is what SDFT's on-policy rollouts actually see; a gap that exists only greedily reaches the
+    student weakly, because the teacher then scores the student's own off-task samples.
     """
     import torch
 
@@ -212,6 +216,8 @@ def teacher_gap(cfg: Config, sources: list[tuple[str, str]]) -> dict[str, Any]:
 
     tok = load_tokenizer(cfg.model)
     model = load_model(cfg.model, torch.device("cpu")).eval()
+    sampled = copy.deepcopy(cfg)
+    sampled.eval.greedy, sampled.eval.num_samples = False, max(1, samples)
     out: dict[str, Any] = {}
     with rollout_engines(cfg) as engines:
         for src, scorer in sources:
@@ -223,6 +229,11 @@ def teacher_gap(cfg: Config, sources: list[tuple[str, str]]) -> dict[str, Any]:
                 "examples": len(data),
                 "student_accuracy": evaluate_with_engines(cfg, tok, engines, src, scorer=scorer)["accuracy"],
                 "teacher_accuracy": evaluate_with_engines(cfg, tok, engines, src, True, scorer)["accuracy"],
+                "temperature": cfg.rollout.temperature,
+                "student_sampled_accuracy": evaluate_with_engines(sampled, tok, engines, src, scorer=scorer)[
+                    "accuracy"
+                ],
+                "teacher_sampled_accuracy": evaluate_with_engines(sampled, tok, engines, src, True, scorer)["accuracy"],
                 "student_gold_logprob": gold_logprob(model, tok.pad_token_id, [d.prompt_ids for d in data], golds),
                 "teacher_gold_logprob": gold_logprob(
                     model, tok.pad_token_id, [d.teacher_prompt_ids for d in data], golds

@@ -68,6 +68,20 @@ def test_compare_methods_runs_each_method_and_seed(tiny, ray_cluster, tmp_path: 
     assert all((tmp_path / "cmp" / f"{a}_seed3" / "continual" / "matrix.json").is_file() for a in ("sdft", "sft"))
     md = (tmp_path / "cmp" / "results.md").read_text()
     assert "| base model |" in md and "| SDFT |" in md and "| SFT |" in md and "Seeds [3]" in md
+    # an interrupted or extended comparison goes on without redoing finished runs...
+    stamps = {
+        a: (tmp_path / "cmp" / f"{a}_seed3" / "continual" / "matrix.json").stat().st_mtime_ns for a in rep["table"]
+    }
+    again = compare_methods(None, over, [3], ["shift"], tmp_path / "cmp")
+    assert again["table"] == rep["table"]
+    assert all(
+        (tmp_path / "cmp" / f"{a}_seed3" / "continual" / "matrix.json").stat().st_mtime_ns == t
+        for a, t in stamps.items()
+    )
+    # ...but a run made with other settings is never passed off as this one
+    from sdft_ray.continual import finished_run
+
+    assert finished_run(tmp_path / "cmp" / "sdft_seed3", None, [*over, "train.lr=1e-3"]) is None
 
 
 def test_bench_smoke_produces_every_field(tiny, ray_cluster, tmp_path: Path) -> None:
