@@ -155,7 +155,7 @@ class StudentTrainer(ActorProcess):
             top_k=lo.top_k,
             topk_support=lo.topk_support,
             topk_tail=lo.topk_tail,
-            rollout_logp=rollout_logp.to(dev) if lo.importance_clip > 0 else None,
+            rollout_logp=rollout_logp.to(dev) if self.cfg.importance_weighted else None,
             skip_first=lo.skip_first_tokens,
             importance_clip=lo.importance_clip,
             **kwargs,

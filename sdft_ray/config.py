@@ -56,7 +56,9 @@ class RolloutConfig:
     top_p: float = 1.0
     max_new_tokens: int = 512
     num_rollouts: int = 1  # per prompt; the paper found more gives negligible gain
-    generate_from_teacher: bool = False  # off-policy variant: sample y from the teacher prompt
+    # off-policy variant: sample y from the teacher prompt (with the student's weights, as TRL; the importance
+    # weight is then off, as in TRL and official, since it would no longer correct only engine numerics)
+    generate_from_teacher: bool = False
     gpu_memory_utilization: float = 0.4  # used only when kv_cache_memory_gb is 0 on a GPU
     kv_cache_memory_gb: float = 0.0  # vLLM KV cache size; 0 = from gpu_memory_utilization on GPU, 1 GiB on CPU
     enable_sleep_mode: bool = True  # colocated vLLM frees GPU memory while the trainer runs (GPU only)
@@ -120,7 +122,9 @@ class TrainConfig:
 
 @dataclass
 class PipelineConfig:
-    max_staleness: int = 1  # 0 = strictly on-policy; k = rollouts may lag the trainer by k versions
+    # 0 = strictly on-policy, as the paper and official code; k = rollouts may lag the trainer by k versions (faster:
+    # generation overlaps training, and the importance weight then also absorbs the lag)
+    max_staleness: int = 0
     sync_bucket_mb: float = 256.0
     weight_transport: str = "auto"  # auto | object_store | nccl | ipc (auto: ipc colocated, nccl split, store on CPU)
     sync_timeout_s: float = 600.0
@@ -195,6 +199,15 @@ class Config:
         if self.teacher.placement == "auto":
             return self.teacher.kind != "external" and self.loss.estimator == "full"
         return self.teacher.placement == "colocated"
+
+    @property
+    def importance_weighted(self) -> bool:
+        """The rollout-vs-trainer importance weight is on: clip > 0 and sampling from the student's own prompt.
+
+        With ``generate_from_teacher`` the ratio would be p_student(y|x) / p_engine(y|x, c), an off-policy ratio
+        rather than an engine-numerics correction; official and TRL turn it off there.
+        """
+        return self.loss.importance_clip > 0 and not self.rollout.generate_from_teacher
 
 
 _CHOICES = {
@@ -415,6 +428,11 @@ def validate(cfg: Config) -> None:
             "one GPU); a shared GPU uses ipc",
         )
     need(r.temperature > 0, "rollout.temperature must be > 0 (use eval.greedy for greedy decoding)")
+    need(
+        t.algo != "sdft" or r.temperature == 1.0,
+        f"rollout.temperature={r.temperature}: SDFT scores rollouts at temperature 1 (student, teacher and importance "
+        "weight); official and TRL divide all logits by T instead, which sdft-ray does not implement yet",
+    )
     need(0.0 < r.top_p <= 1.0, "rollout.top_p must be in (0, 1]")
     need(r.max_new_tokens > 0 and r.num_engines >= 1 and r.num_rollouts >= 1, "rollout sizes must be >= 1")
     need(pl.max_staleness >= 0, "pipeline.max_staleness must be >= 0")

@@ -56,12 +56,16 @@ def deepspeed_config(cfg: Config, bf16: bool) -> dict[str, Any]:
 
 
 def lr_lambda(cfg: Config, total_steps: int):  # noqa: ANN201 - returns a plain callable for LambdaLR
-    """Linear warmup over warmup_ratio of the run, then cosine to 0 (or constant)."""
+    """Linear warmup over warmup_ratio of the run, then cosine to 0 (or constant).
+
+    Counted as HF's get_cosine_schedule_with_warmup (the official code's): step 0 has lr 0, warmup steps are
+    ceil(warmup_ratio * total).
+    """
     warmup = int(math.ceil(cfg.train.warmup_ratio * total_steps))
 
     def f(step: int) -> float:
         if warmup and step < warmup:
-            return (step + 1) / warmup
+            return step / warmup
         if cfg.train.lr_scheduler == "constant":
             return 1.0
         progress = (step - warmup) / max(1, total_steps - warmup)

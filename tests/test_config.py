@@ -18,6 +18,25 @@ def test_defaults_are_the_papers() -> None:
     assert cfg.rollout.temperature == 1.0 and cfg.rollout.top_p == 1.0 and cfg.rollout.num_rollouts == 1
     assert cfg.data.max_prompt_length == 1024 and cfg.teacher_colocated
     assert not cfg.model.trust_remote_code
+    assert cfg.pipeline.max_staleness == 0  # on-policy, as the paper; the speed configs opt into 1
+    assert cfg.importance_weighted
+    assert not load_config(None, [*REQ, "rollout.generate_from_teacher=true"]).importance_weighted
+
+
+def test_warmup_counts_as_hf() -> None:
+    """Same multipliers as transformers' get_cosine_schedule_with_warmup (the official code's scheduler)."""
+    import torch
+    from transformers import get_cosine_schedule_with_warmup
+
+    from sdft_ray.ds_config import lr_lambda
+
+    for total, ratio in ((20, 0.1), (12, 0.1), (7, 0.3)):
+        cfg = load_config(None, [*REQ, f"train.warmup_ratio={ratio}"])
+        opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+        hf = get_cosine_schedule_with_warmup(opt, -(-int(ratio * 100) * total // 100), total)
+        ours = lr_lambda(cfg, total)
+        for step in range(total):
+            assert abs(ours(step) - hf.lr_lambdas[0](step)) < 1e-12, (total, ratio, step)
 
 
 def test_yaml_then_overrides(tmp_path: Path) -> None:
@@ -44,6 +63,7 @@ def test_yaml_then_overrides(tmp_path: Path) -> None:
         ("train.lr=inf", "train.lr=inf: must be a finite number"),
         ("loss.importance_clip=nan", "loss.importance_clip=nan: must be a finite number"),
         ("rollout.temperature=-inf", "rollout.temperature=-inf: must be a finite number"),
+        ("rollout.temperature=0.7", "SDFT scores rollouts at temperature 1"),
     ],
 )
 def test_bad_values_name_the_key(override: str, needle: str) -> None:

@@ -49,6 +49,7 @@ def test_sdft_loss_decreases_and_weights_reach_rollout_engine(tiny, ray_cluster,
         train__warmup_ratio=0,
         pipeline__verify_weight_checksums=True,
         rollout__backend=backend,
+        pipeline__max_staleness=1,
     )
     try:
         assert ray.get(d.rollouts.actors[0].backend_name.remote()).startswith(
@@ -66,7 +67,7 @@ def test_sdft_loss_decreases_and_weights_reach_rollout_engine(tiny, ray_cluster,
         assert abs(sum(t.double().sum().item() for t in trainer_sd.values()) - base_sum) > 1e-3
     finally:
         d.shutdown()
-    # staleness 1 (default): rollouts lag the trainer by exactly one version after the first step
+    # staleness 1: rollouts lag the trainer by exactly one version after the first step
     assert [r["lag_max"] for r in rows] == [0] + [1] * 11
     ck = tmp_path / "checkpoints"
     final = sorted(ck.glob("step-*"))[-1]
@@ -133,7 +134,12 @@ def test_least_loaded_dispatch(tiny, tmp_path: Path) -> None:
 
 def test_two_engines_both_receive_weights(tiny, ray_cluster, tmp_path: Path) -> None:
     summary = _run(
-        tiny, tmp_path, rollout__num_engines=2, rollout__num_cpus=0.25, pipeline__verify_weight_checksums=True
+        tiny,
+        tmp_path,
+        rollout__num_engines=2,
+        rollout__num_cpus=0.25,
+        pipeline__verify_weight_checksums=True,
+        pipeline__max_staleness=1,
     )
     assert summary["weights_verified"] == 2 * 4  # both engines, initial + 3 steps
     assert [r["lag_max"] for r in _rows(tmp_path)] == [0, 1, 1]
