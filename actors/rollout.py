@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from actors.base import ActorProcess
 from sdft_ray.config import Config, config_from_dict, resolve_rollout_backend
-from sdft_ray.modeling import device_for, load_model, load_tokenizer
+from sdft_ray.modeling import device_for, load_model, load_tokenizer, stop_token_ids
 from sdft_ray.weight_sync import Bucket, Meta, load_bucket_into, model_checksum, receive_buckets
 
 
@@ -29,9 +29,18 @@ class HFGenerator:
     """Sampling with ``transformers.generate``; the real CPU backend (and a GPU fallback without vLLM)."""
 
     def __init__(self, cfg: Config, device: torch.device) -> None:
+        from transformers import GenerationConfig
+
         self.tokenizer = load_tokenizer(cfg.model)
         self.model = load_model(cfg.model, device).eval()
         self.device = device
+        self.stops = stop_token_ids(self.tokenizer, cfg.model.path)
+        # generate() fills every unset field from the checkpoint's generation_config (repetition_penalty, min_p,
+        # top_k, ...). The importance weight assumes samples from the raw distribution at the configured
+        # temperature/top_p, so the model's own defaults are replaced by the library's neutral ones.
+        self.model.generation_config = GenerationConfig(
+            bos_token_id=self.tokenizer.bos_token_id, eos_token_id=self.stops, pad_token_id=self.tokenizer.pad_token_id
+        )
 
     def generate(
         self,
@@ -60,7 +69,7 @@ class HFGenerator:
                 max_new_tokens=max_new_tokens,
                 do_sample=not greedy,
                 pad_token_id=pad,
-                eos_token_id=tok.eos_token_id,
+                eos_token_id=self.stops,
                 return_dict_in_generate=True,
                 output_logits=True,
                 **sampling,
@@ -72,8 +81,9 @@ class HFGenerator:
         results = []
         for i in range(len(prompts)):
             toks = gen[i].tolist()
-            if tok.eos_token_id in toks:
-                toks = toks[: toks.index(tok.eos_token_id) + 1]
+            end = next((j for j, t in enumerate(toks) if t in self.stops), None)
+            if end is not None:
+                toks = toks[: end + 1]
             lp = logp[i, torch.arange(len(toks)), torch.tensor(toks, dtype=torch.long)].tolist() if toks else []
             results.append((toks, lp))
         return results

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from sdft_ray.config import Config
-from sdft_ray.modeling import resolve_dtype
+from sdft_ray.modeling import resolve_dtype, stop_token_ids
 from sdft_ray.weight_sync import Bucket, Meta, WeightSyncError, combine_digests, tensor_digests
 
 _ALIGN = 16  # every tensor starts at a 16-byte offset so any dtype can be viewed out of the byte buffer
@@ -217,6 +217,7 @@ class VLLMGenerator:
             _check_cpu_head_size(cfg)
         self.vllm_version = vllm.__version__
         self.llm = LLM(**engine_kwargs(cfg, engine_index, self.on_gpu))
+        self.stops = stop_token_ids(self.llm.get_tokenizer(), cfg.model.path)
         self.asleep: set[str] = set()
         self.updating = False
         self.digest = ""
@@ -243,6 +244,9 @@ class VLLMGenerator:
                 max_tokens=max_new_tokens,
                 logprobs=0,  # the sampled token's logprob, for the importance correction
                 seed=s,
+                # explicit, as in the HF backend; every other field keeps vLLM's neutral default (an explicit
+                # SamplingParams takes nothing from the checkpoint's generation_config but its EOS ids)
+                stop_token_ids=self.stops,
             )
             for s in seeds
         ]

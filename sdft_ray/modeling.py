@@ -98,6 +98,25 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
     return tok
 
 
+def stop_token_ids(tokenizer: Any, model_path: str) -> list[int]:
+    """Where a completion ends: the tokenizer's EOS plus every EOS id in the checkpoint's generation_config.
+
+    Chat models often list several (Llama 3: <|end_of_text|>, <|eot_id|>); TRL and vLLM stop on all of them,
+    so both rollout backends do too, explicitly.
+    """
+    from transformers import GenerationConfig
+
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    try:
+        extra = GenerationConfig.from_pretrained(model_path).eos_token_id
+    except OSError:  # no generation_config.json: the tokenizer's EOS is all there is
+        extra = None
+    for i in [extra] if isinstance(extra, int) else extra or []:
+        if i not in ids:
+            ids.append(int(i))
+    return ids
+
+
 def load_model(cfg: ModelConfig, device: torch.device, path: str | None = None) -> torch.nn.Module:
     """A causal LM from a hub name or local folder; safetensors only, remote code only when asked."""
     from transformers import AutoModelForCausalLM
