@@ -38,6 +38,7 @@ class TeacherScorer:
             self.model = load_model(cfg.model, device).eval()
             self.model.requires_grad_(False)
             self.owns_model = True
+        self.master: dict[str, torch.Tensor] | None = None  # fp32 EMA state when the teacher is low precision
 
     @torch.no_grad()
     def logits(self, teacher_prompts: list[list[int]], completions: list[list[int]]) -> torch.Tensor:
@@ -66,13 +67,46 @@ class TeacherScorer:
                 out.append({"uid": it["uid"], "logp_k": vals, "ids_k": idx})
         return out
 
+    def _ema_master(self) -> dict[str, torch.Tensor] | None:
+        mode = self.cfg.teacher.ema_master
+        if self.master is None and mode != "off":
+            params = list(self.model.named_parameters())
+            if any(p.dtype != torch.float32 for _, p in params):
+                self.master = {
+                    n: p.detach().to("cpu" if mode == "cpu" else p.device, torch.float32, copy=True) for n, p in params
+                }
+        return self.master
+
     @torch.no_grad()
     def ema_update(self, student_params: list[tuple[str, torch.Tensor]], rate: float) -> None:
-        """teacher = (1 - rate) * teacher + rate * student, for the given (full, gathered) student tensors."""
+        """teacher = (1 - rate) * teacher + rate * student, for the given (full, gathered) student tensors.
+
+        In fp32 (the master copy when the teacher itself is bf16/fp16), then cast for scoring.
+        """
         params = dict(self.model.named_parameters())
+        master = self._ema_master()
         for name, s in student_params:
             t = params[name]
-            t.mul_(1.0 - rate).add_(s.to(t.device, t.dtype), alpha=rate)
+            if master is None:
+                t.mul_(1.0 - rate).add_(s.to(t.device, t.dtype), alpha=rate)
+            else:
+                m = master[name]
+                m.mul_(1.0 - rate).add_(s.to(m.device, torch.float32), alpha=rate)
+                t.copy_(m)
+
+    def ema_state(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint keeps of the teacher: the fp32 master when there is one, so a resume loses nothing."""
+        master = self.master or {n: p.detach() for n, p in self.model.named_parameters()}
+        return {n: t.detach().cpu().contiguous() for n, t in master.items()}
+
+    @torch.no_grad()
+    def load_ema_state(self, state: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
+        missing, unexpected = self.model.load_state_dict(state, strict=False)
+        if self._ema_master() is not None:
+            for n, m in self.master.items():
+                if n in state:
+                    m.copy_(state[n].to(m.device, torch.float32))
+        return missing, unexpected
 
     def load_bucket(self, bucket: Bucket, verify: bool = False) -> None:
         load_bucket_into(self.model, bucket, verify)

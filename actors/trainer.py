@@ -347,7 +347,9 @@ class StudentTrainer(ActorProcess):
             self.module.save_pretrained(root / "student", state_dict=student, safe_serialization=True)
             self.tokenizer.save_pretrained(root / "student")
             if self.teacher is not None and self.teacher.owns_model:
-                self.teacher.model.save_pretrained(root / "teacher", safe_serialization=True)
+                self.teacher.model.save_pretrained(
+                    root / "teacher", state_dict=self.teacher.ema_state(), safe_serialization=True
+                )
         self.engine.save_checkpoint(str(root / "deepspeed"), tag="state", client_state={"version": self.version})
 
     def load(self, path: str) -> int:
@@ -362,7 +364,7 @@ class StudentTrainer(ActorProcess):
             state: dict[str, torch.Tensor] = {}
             for f in sorted((root / "teacher").glob("*.safetensors")):
                 state.update(load_file(str(f)))
-            missing, unexpected = self.teacher.model.load_state_dict(state, strict=False)
+            missing, unexpected = self.teacher.load_ema_state(state)
             real_missing = [m for m in missing if m not in self._tied_names(self.teacher.model)]
             if real_missing or unexpected:
                 raise RuntimeError(f"{root}/teacher: missing {real_missing[:5]}, unexpected {unexpected[:5]}")

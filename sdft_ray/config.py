@@ -72,6 +72,9 @@ class RolloutConfig:
 class TeacherConfig:
     kind: str = "ema"  # ema | frozen | student | external
     ema_rate: float = 0.01  # teacher = (1 - a) * teacher + a * student after every optimizer step
+    # fp32 copy of the EMA teacher when it runs in bf16/fp16: a 1% step is below bf16 resolution, so most weights
+    # would never move. auto = on the teacher's device; cpu = in host RAM; off = the official code's bf16 EMA
+    ema_master: str = "auto"
     placement: str = "auto"  # auto | colocated (inside the trainer) | separate (own actors)
     num_actors: int = 1
     external_url: str = ""  # OpenAI-compatible server for kind=external
@@ -217,6 +220,7 @@ _CHOICES = {
     "teacher.kind": ("ema", "frozen", "student", "external"),
     "pipeline.weight_transport": ("auto", "object_store", "nccl", "ipc"),
     "teacher.placement": ("auto", "colocated", "separate"),
+    "teacher.ema_master": ("auto", "cpu", "off"),
     "loss.divergence": ("forward_kl", "reverse_kl", "jsd"),
     "loss.estimator": ("full", "topk", "sampled"),
     "loss.topk_support": ("teacher", "student"),
