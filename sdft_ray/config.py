@@ -54,7 +54,7 @@ class RolloutConfig:
     tensor_parallel_size: int = 1
     temperature: float = 1.0
     top_p: float = 1.0
-    max_new_tokens: int = 512
+    max_new_tokens: int = 1024  # the official script's max_completion_length
     num_rollouts: int = 1  # per prompt; the paper found more gives negligible gain
     # off-policy variant: sample y from the teacher prompt (with the student's weights, as TRL; the importance
     # weight is then off, as in TRL and official, since it would no longer correct only engine numerics)
@@ -330,17 +330,29 @@ def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     return a
 
 
+def _read_yaml(p: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A config file's sections; ``extends: other.yaml`` (relative to this file) is read first, then overridden."""
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    if p.resolve() in seen:
+        raise ConfigError(f"{p}: 'extends' loops back to itself")
+    try:
+        loaded = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{p}: top level must be a mapping of sections")
+    parent = loaded.pop("extends", None)
+    if parent is None:
+        return loaded
+    if not isinstance(parent, str):
+        raise ConfigError(f"{p}: 'extends' must be a file name")
+    return _merge(_read_yaml(p.parent / parent, (*seen, p.resolve())), loaded)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Build a validated Config from an optional YAML file and ``key.sub=value`` overrides (applied last)."""
-    raw: dict[str, Any] = {}
-    if path:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        loaded = yaml.safe_load(p.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{p}: top level must be a mapping of sections")
-        raw = loaded
+    raw = _read_yaml(Path(path)) if path else {}
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override '{item}' must look like section.key=value")

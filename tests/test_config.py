@@ -80,3 +80,21 @@ def test_required_fields() -> None:
 def test_shipped_configs_validate(tmp_path: Path) -> None:
     for f in sorted(Path("configs").glob("*.yaml")):
         load_config(f)
+
+
+def test_extends_reads_the_parent_then_overrides(tmp_path: Path) -> None:
+    (tmp_path / "base.yaml").write_text("model: {path: m}\ndata: {train: d.jsonl}\ntrain: {lr: 1.0e-4, steps: 7}\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "child.yaml").write_text("extends: ../base.yaml\ntrain: {steps: 9}\n")
+    cfg = load_config(tmp_path / "sub" / "child.yaml", ["train.batch_size=8"])
+    assert (cfg.train.lr, cfg.train.steps, cfg.train.batch_size, cfg.model.path) == (1e-4, 9, 8, "m")
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
+    with pytest.raises(ConfigError, match="loops back"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "bad.yaml").write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+        load_config(tmp_path / "bad.yaml")
+    official = load_config("configs/single_h200_official_shape.yaml")
+    assert (official.train.batch_size, official.rollout.num_rollouts) == (4, 8)  # 32 samples, as the paper's 32 x 1
+    assert official.model.path == load_config("configs/single_h200.yaml").model.path
