@@ -170,7 +170,29 @@ def completion_logits(
         return logits.gather(1, pos.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
     hidden = decoder(input_ids=ids, attention_mask=attn).last_hidden_state
     hidden = hidden.gather(1, pos.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
-    return head(hidden)
+    return finish_logits(model, head(hidden))
+
+
+def finish_logits(model: torch.nn.Module, logits: torch.Tensor) -> torch.Tensor:
+    """What ``*ForCausalLM.forward`` does after the LM head, which the hidden-state path above skips.
+
+    Gemma 2/3 soft-cap the final logits, Granite divides by ``logits_scaling``, Cohere multiplies by
+    ``logit_scale``; without this the student, teacher and importance log-probs would not be the model's.
+    """
+    cfg = getattr(model, "config", None)
+    cfg = getattr(cfg, "text_config", None) or cfg
+    scale = getattr(model, "logit_scale", None) or getattr(cfg, "logit_scale", None)
+    if isinstance(scale, (int, float)) and scale != 1:
+        logits = logits * scale
+    scaling = getattr(cfg, "logits_scaling", None)
+    if isinstance(scaling, (int, float)) and scaling != 1:
+        logits = logits / scaling
+    cap = getattr(cfg, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    if getattr(cfg, "output_multiplier", None) not in (None, 1, 1.0):
+        raise NotImplementedError(f"{type(model).__name__}: output_multiplier on the logits is not supported yet")
+    return logits
 
 
 def peak_memory_mb() -> dict[str, float]:

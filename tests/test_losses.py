@@ -206,3 +206,42 @@ def test_sft_loss_is_token_cross_entropy() -> None:
         / 2
     )
     assert out.loss.item() == pytest.approx(float(ref), rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "family",
+    [
+        ("LlamaConfig", {}),
+        ("Qwen2Config", {}),
+        ("Gemma2Config", {"final_logit_softcapping": 1.0, "head_dim": 16}),
+        ("GraniteConfig", {"logits_scaling": 8.0}),
+        ("CohereConfig", {"logit_scale": 0.0625}),
+    ],
+    ids=lambda f: f[0],
+)
+def test_completion_logits_are_the_models_own(family: tuple) -> None:
+    """F7: our hidden-state path must give ``model(...).logits`` for families that post-process the logits."""
+    import transformers
+
+    from sdft_ray.modeling import completion_logits
+
+    name, extra = family
+    torch.manual_seed(0)
+    cfg = getattr(transformers, name)(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        **extra,
+    )
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    prompts, comps = [[5, 6, 7, 8], [9, 10]], [[11, 12, 13], [14]]
+    with torch.no_grad():
+        ours = completion_logits(model, prompts, comps, pad=0)
+        for i, (p, c) in enumerate(zip(prompts, comps, strict=True)):
+            full = model(input_ids=torch.tensor([p + c])).logits[0]
+            ref = full[len(p) - 1 : len(p) - 1 + len(c)]
+            assert torch.allclose(ours[i, : len(c)], ref, atol=1e-5), (name, (ours[i, : len(c)] - ref).abs().max())
