@@ -10,10 +10,21 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
+from sdft_ray.errors import CheckpointError
+
 MARKER = "COMPLETE"
+# Classes DeepSpeed pickles into its optimizer state (ZeRO 1-3): plain data holders. Resuming unpickles with
+# torch's weights_only loader allowing only these, so a crafted checkpoint cannot run code (DeepSpeed's own
+# loader uses weights_only=False).
+SAFE_DEEPSPEED_GLOBALS = (
+    "deepspeed.utils.tensor_fragment.fragment_address",
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+)
 
 
 def checkpoint_root(output_dir: str) -> Path:
@@ -38,9 +49,22 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _fsync_tree(root: Path) -> None:
+    """Every file and folder under ``root`` on disk, so the marker never outlives the data after a power loss."""
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(dirpath))
+
+
 def finalize(tmp: Path, step: int, driver_state: dict[str, Any], keep: int) -> Path:
-    """Write the driver state and the marker, then rename into place and prune old checkpoints."""
+    """Write the driver state, fsync everything, write the marker, rename into place, prune old checkpoints."""
     (tmp / "driver_state.json").write_text(json.dumps(driver_state, indent=1))
+    _fsync_tree(tmp)
     with open(tmp / MARKER, "w") as f:
         f.write(str(step))
         f.flush()
@@ -64,17 +88,100 @@ def complete_checkpoints(output_dir: str) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
+def verify_checkpoint(path: Path) -> None:
+    """Raise CheckpointError if ``path`` is damaged (unreadable files) or would run code when loaded."""
+    import torch
+    from safetensors import safe_open
+
+    try:
+        read_driver_state(path)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {path.name} is damaged: driver_state.json unreadable ({e})") from None
+    for f in sorted(path.glob("*/*.safetensors")):
+        try:
+            with safe_open(str(f), framework="pt") as h:
+                h.keys()
+        except Exception as e:  # safetensors has its own error types
+            raise CheckpointError(f"checkpoint {path.name} is damaged: {f.relative_to(path)} ({e})") from None
+    allowed = set(SAFE_DEEPSPEED_GLOBALS)
+    for f in sorted((path / "deepspeed").rglob("*.pt")):
+        rel = f.relative_to(path)
+        try:
+            found = set(torch.serialization.get_unsafe_globals_in_checkpoint(str(f)))
+        except Exception as e:  # truncated zip, bad pickle stream
+            raise CheckpointError(f"checkpoint {path.name} is damaged: {rel} ({str(e).splitlines()[0]})") from None
+        if found - allowed:
+            raise CheckpointError(
+                f"checkpoint {path.name}: {rel} refers to {', '.join(sorted(found - allowed))}; loading it could "
+                "run code, so sdft-ray refuses it (checkpoints it writes hold only tensors and plain data)"
+            )
+        try:
+            with torch.serialization.safe_globals([_import(g) for g in sorted(found)]):
+                torch.load(str(f), map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:
+            raise CheckpointError(f"checkpoint {path.name} is damaged: {rel} ({str(e).splitlines()[0]})") from None
+
+
+def _import(dotted: str) -> Any:
+    import importlib
+
+    module, _, name = dotted.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
 def resolve_resume(resume: str, output_dir: str) -> Path | None:
-    """``auto`` -> newest complete checkpoint (or None for a fresh start); a path -> that checkpoint."""
+    """``auto`` -> newest intact checkpoint (or None for a fresh start); a path -> that checkpoint, verified.
+
+    ``auto`` steps back past damaged checkpoints, saying so; a checkpoint that would run code is always an error.
+    """
     if not resume:
         return None
     if resume == "auto":
         found = complete_checkpoints(output_dir)
-        return found[-1] if found else None
+        for path in reversed(found):
+            try:
+                verify_checkpoint(path)
+                return path
+            except CheckpointError as e:
+                if "is damaged" not in str(e):
+                    raise
+                print(f"sdft-ray: {e}; trying the one before", file=sys.stderr, flush=True)
+        if found:
+            raise CheckpointError(f"every checkpoint in {checkpoint_root(output_dir)} is damaged; nothing to resume")
+        return None
     path = Path(resume)
     if not (path / MARKER).is_file():
-        raise FileNotFoundError(f"{path} is not a complete checkpoint (no {MARKER} marker)")
+        raise CheckpointError(f"{path} is not a complete checkpoint (no {MARKER} marker)")
+    try:
+        verify_checkpoint(path)
+    except CheckpointError as e:
+        earlier = [p for p in complete_checkpoints(str(path.parent.parent)) if p.name < path.name]
+        hint = f"; resume from {earlier[-1]} with train.resume={earlier[-1]}" if earlier else ""
+        raise CheckpointError(f"{e}{hint}") from None
     return path
+
+
+def prepare_output(output_dir: str, resume: str, overwrite: bool) -> Path | None:
+    """Before a run: clear leftovers of killed writers, refuse to mix two runs in one folder, pick the resume.
+
+    Returns the checkpoint to resume from (None for a fresh start).
+    """
+    root = checkpoint_root(output_dir)
+    if root.is_dir():
+        for tmp in root.glob(".tmp-*"):  # a writer killed mid-checkpoint; never marked complete
+            shutil.rmtree(tmp, ignore_errors=True)
+    out = Path(output_dir)
+    previous = [p.name for p in (*complete_checkpoints(output_dir), out / "metrics.jsonl") if p.exists()]
+    if previous and not resume:
+        if not overwrite:
+            raise CheckpointError(
+                f"train.output_dir {out} already holds a run ({', '.join(previous[:3])}); continue it with "
+                "train.resume=auto, start over with train.overwrite=true (deletes its checkpoints and metrics), "
+                "or choose another train.output_dir"
+            )
+        shutil.rmtree(root, ignore_errors=True)
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+    return resolve_resume(resume, output_dir)
 
 
 def read_driver_state(path: Path) -> dict[str, Any]:

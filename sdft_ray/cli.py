@@ -16,6 +16,7 @@ from typing import Any
 from sdft_ray.config import ConfigError, load_config
 from sdft_ray.errors import (
     ActorFailure,
+    CheckpointError,
     DataError,
     ModelError,
     NonFiniteLossError,
@@ -166,6 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, ModelError) as e:
         # raised in the driver or inside an actor (Ray's wrapper is also an instance of the cause's class)
         print(f"{'data' if isinstance(e, DataError) else 'model'} error: {_cause(e)}", file=sys.stderr)
+        return 2
+    except CheckpointError as e:
+        print(f"checkpoint error: {_cause(e)}", file=sys.stderr)
         return 2
     except (ActorFailure, WeightSyncError, NonFiniteLossError) as e:
         print(f"error: {_cause(e)}", file=sys.stderr)

@@ -120,6 +120,7 @@ class TrainConfig:
     save_every: int = 0  # 0 = only at the end
     keep_checkpoints: int = 2
     resume: str = ""  # "" = fresh | auto = newest complete checkpoint | a checkpoint folder
+    overwrite: bool = False  # start over in an output_dir that already holds a run (deletes its checkpoints)
     max_bad_steps: int = 3  # abort after this many consecutive non-finite steps
 
 

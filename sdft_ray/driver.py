@@ -160,6 +160,7 @@ class SDFTDriver:
         self.pending_sends: list[Any] = []
         self.last_sync_s = 0.0
         self.weights_verified = 0
+        self.resume_from = ckpt.prepare_output(t.output_dir, t.resume, t.overwrite)  # before any actor starts
         # set before any actor starts, so shutdown() after a failed start reports the failure, not itself
         self.rollouts: ActorGroup | None = None
         self.teachers: ActorGroup | None = None
@@ -444,7 +445,7 @@ class SDFTDriver:
         self.logger.event("checkpoint", step=self.step, path=str(final))
 
     def restore(self) -> None:
-        path = ckpt.resolve_resume(self.cfg.train.resume, self.cfg.train.output_dir)
+        path = self.resume_from
         if path is None:
             return
         state = ckpt.read_driver_state(path)

@@ -26,6 +26,10 @@ class NonFiniteLossError(RuntimeError):
     """Too many consecutive optimizer steps had a non-finite loss; the run stops before corrupting weights."""
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be resumed (damaged, or would run code), or an output folder already in use."""
+
+
 class Stopped(KeyboardInterrupt):
     """SIGTERM (what schedulers send before a kill), turned into the same clean stop as Ctrl-C."""
 

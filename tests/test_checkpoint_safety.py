@@ -1,0 +1,103 @@
+"""Checkpoints carry data, never code; damage is detected and stepped past; a finished run is never overwritten."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+
+from sdft_ray import checkpoint as ckpt
+from sdft_ray.errors import CheckpointError
+
+
+class _Payload:
+    """Unpickling this runs code: what a crafted checkpoint would carry."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):  # noqa: ANN204
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _fake_checkpoint(out: Path, step: int) -> Path:
+    """The layout finalize() writes, with small real files."""
+    from safetensors.torch import save_file
+
+    tmp = ckpt.temp_dir(str(out), step)
+    (tmp / "student").mkdir()
+    save_file({"w": torch.ones(4)}, str(tmp / "student" / "model.safetensors"))
+    (tmp / "deepspeed" / "state").mkdir(parents=True)
+    torch.save(
+        {"module": {"w": torch.ones(4)}, "step": step}, tmp / "deepspeed" / "state" / "mp_rank_00_model_states.pt"
+    )
+    return ckpt.finalize(tmp, step, {"step": step}, keep=0)
+
+
+def test_crafted_checkpoint_is_refused_without_running_it(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    good = _fake_checkpoint(out, 2)
+    bad = _fake_checkpoint(out, 4)
+    marker = tmp_path / "pwned"
+    target = bad / "deepspeed" / "state" / "mp_rank_00_model_states.pt"
+    torch.save({"module": {"w": torch.ones(4)}, "x": _Payload(str(marker))}, target, pickle_module=pickle)
+    for resume in ("auto", str(bad)):
+        with pytest.raises(CheckpointError, match=r"refers to posix.system; loading it could run code"):
+            ckpt.resolve_resume(resume, str(out))
+    assert not marker.exists()
+    assert ckpt.resolve_resume(str(good), str(out)) == good
+    # DeepSpeed's own loader (weights_only=False) would have run it: the test payload is real
+    torch.load(target, weights_only=False)
+    assert marker.exists()
+
+
+def test_auto_resume_steps_back_past_a_damaged_checkpoint(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    older = _fake_checkpoint(out, 2)
+    newest = _fake_checkpoint(out, 4)
+    opt = newest / "deepspeed" / "state" / "mp_rank_00_model_states.pt"
+    opt.write_bytes(opt.read_bytes()[:200])  # COMPLETE marker present, optimizer file truncated
+    assert ckpt.resolve_resume("auto", str(out)) == older
+    assert "checkpoint step-000004 is damaged: deepspeed/state/mp_rank_00_model_states.pt" in capsys.readouterr().err
+    with pytest.raises(CheckpointError, match=rf"step-000004 is damaged.*resume from {older} with train.resume="):
+        ckpt.resolve_resume(str(newest), str(out))
+    w = older / "student" / "model.safetensors"
+    w.write_bytes(b"\x00" * 16)
+    with pytest.raises(CheckpointError, match="every checkpoint .* is damaged"):
+        ckpt.resolve_resume("auto", str(out))
+
+
+def test_an_existing_run_is_not_overwritten_without_asking(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    first = _fake_checkpoint(out, 2)
+    (out / "metrics.jsonl").write_text(json.dumps({"step": 1}) + "\n")
+    stale = ckpt.checkpoint_root(str(out)) / ".tmp-step-000004-999999"
+    stale.mkdir()
+    with pytest.raises(CheckpointError, match=r"already holds a run \(step-000002, metrics.jsonl\).*train.resume=auto"):
+        ckpt.prepare_output(str(out), "", overwrite=False)
+    assert first.is_dir() and (out / "metrics.jsonl").is_file()
+    assert not stale.exists()  # a killed writer's leftovers are cleared in any case
+    assert ckpt.prepare_output(str(out), "auto", overwrite=False) == first
+    assert ckpt.prepare_output(str(out), "", overwrite=True) is None
+    assert not first.exists() and not (out / "metrics.jsonl").exists()
+    assert ckpt.prepare_output(str(tmp_path / "fresh"), "", overwrite=False) is None
+
+
+def test_every_file_is_on_disk_before_the_marker(tmp_path: Path, monkeypatch) -> None:
+    synced: list[str] = []
+    real = os.fsync
+
+    def record(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", record)
+    final = _fake_checkpoint(tmp_path / "run", 6)
+    marker_at = next(i for i, p in enumerate(synced) if p.endswith("/" + ckpt.MARKER))
+    before = {Path(p).name for p in synced[:marker_at]}
+    assert {"model.safetensors", "mp_rank_00_model_states.pt", "driver_state.json"} <= before
+    assert final.name == "step-000006"
