@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from actors.base import ActorProcess
+from actors.base import ActorProcess, pin_visible_gpus
 from sdft_ray.config import Config, config_from_dict, resolve_rollout_backend
 from sdft_ray.modeling import device_for, load_model, load_tokenizer, stop_token_ids
 from sdft_ray.weight_sync import Bucket, Meta, load_bucket_into, model_checksum, receive_buckets
@@ -108,6 +108,7 @@ class RolloutWorker(ActorProcess):
     """One rollout engine: generates for a shard of prompts and receives weight buckets from the trainer."""
 
     def __init__(self, cfg_dict: dict[str, Any], engine_index: int = 0) -> None:
+        pin_visible_gpus()
         self.cfg = config_from_dict(cfg_dict)
         torch.set_num_threads(max(1, self.cfg.rollout.torch_threads))
         self.engine_index = engine_index

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from actors.base import ActorProcess
+from actors.base import ActorProcess, pin_visible_gpus
 from sdft_ray.config import Config, config_from_dict
 from sdft_ray.losses import topk_logprobs
 from sdft_ray.modeling import completion_logits, device_for, load_model, load_tokenizer
@@ -164,6 +164,7 @@ class TeacherWorker(ActorProcess):
     """Separate teacher actor (top-k / sampled estimators). Receives EMA or student weights by bucket."""
 
     def __init__(self, cfg_dict: dict[str, Any]) -> None:
+        pin_visible_gpus()
         self.cfg = config_from_dict(cfg_dict)
         torch.set_num_threads(max(1, self.cfg.rollout.torch_threads))
         if self.cfg.teacher.kind == "external":

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from actors.base import ActorProcess
+from actors.base import ActorProcess, pin_visible_gpus
 from actors.teacher import TeacherScorer
 from sdft_ray.config import config_from_dict
 from sdft_ray.ds_config import deepspeed_config, grad_accum_steps, lr_lambda
@@ -55,6 +55,7 @@ class StudentTrainer(ActorProcess):
         master_addr: str = "127.0.0.1",
         master_port: int = 29500,
     ) -> None:
+        pin_visible_gpus()
         self.cfg = cfg = config_from_dict(cfg_dict)
         self.rank, self.world_size = rank, world_size
         torch.set_num_threads(max(1, cfg.train.torch_threads))
@@ -183,6 +184,7 @@ class StudentTrainer(ActorProcess):
         grad_norm = float("nan")
         for i in range(self.gas):
             mb = mine[i * mbs : (i + 1) * mbs]
+            self._zero3_reset_trace()
             out = self._micro_loss(mb, teacher_rows)
             loss = out.loss
             if not torch.isfinite(loss):
@@ -219,6 +221,9 @@ class StudentTrainer(ActorProcess):
             grad_norm = float(gn) if gn is not None else float("nan")
         t1 = time.perf_counter()
         self._update_teacher()
+        if self.cfg.weight_transport == "ipc" and torch.cuda.is_available():
+            # colocated with vLLM: give back activations and logits before the engine wakes to generate
+            torch.cuda.empty_cache()
         self.version += 1
         versions = [it.get("version", self.version - 1) for it in mine]
         lag = [self.version - 1 - v for v in versions]
@@ -240,6 +245,28 @@ class StudentTrainer(ActorProcess):
             "train_s": train_s,
             "ema_s": time.perf_counter() - t1,
             "version": self.version,
+        }
+
+    def _zero3_reset_trace(self) -> None:
+        """What the top module's forward pre-hook does under ZeRO-3, which our forward never triggers.
+
+        ``completion_logits`` calls the decoder and the LM head, not the top module, so DeepSpeed's parameter
+        coordinator would stay in trace-recording mode for ever: no prefetch, and a recorded order that grows
+        by every fetch of every micro-step (deepspeed/runtime/zero/parameter_offload.py, its only caller).
+        """
+        offload = getattr(self.engine.optimizer, "parameter_offload", None)
+        if self.cfg.train.zero_stage == 3 and offload is not None:
+            offload.get_param_coordinator().reset_step()
+
+    def trace_state(self) -> dict[str, Any]:
+        """ZeRO-3's parameter-fetch trace, for tests: complete (prefetching) or not, and its recorded length."""
+        offload = getattr(self.engine.optimizer, "parameter_offload", None)
+        if offload is None:
+            return {}
+        coord = offload.get_param_coordinator()
+        return {
+            "complete": coord.is_complete_trace(),
+            "recorded": len(coord._PartitionedParameterCoordinator__submodule_order),
         }
 
     def _grad_norm(self) -> float:
@@ -319,6 +346,8 @@ class StudentTrainer(ActorProcess):
 
     def ipc_done(self) -> None:
         self._ipc_flat, self._ipc_iter = None, None
+        if torch.cuda.is_available():
+            torch.cuda.ipc_collect()  # release the shared buckets the engine has closed (as vLLM and verl do)
 
     def buckets(self, which: str = "student") -> list[Bucket]:
         """The same buckets, in-process (used by GPU transports and tests)."""

@@ -8,7 +8,9 @@ import sys
 
 import yaml
 
-FORWARD_PREFIXES = ("WANDB_", "HF_", "NCCL_", "SDFT_", "OPENAI_", "CUDA_VISIBLE_DEVICES")
+# Not CUDA_VISIBLE_DEVICES: Ray sets it per actor from the GPUs it assigns; a value from the submitting
+# shell would fight that (allenai/open-instruct#1519)
+FORWARD_PREFIXES = ("WANDB_", "HF_", "NCCL_", "SDFT_", "OPENAI_")
 
 
 def runtime_env(base_file: str, environ: dict[str, str]) -> dict:

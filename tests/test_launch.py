@@ -104,6 +104,16 @@ def test_ray_job_submit_runs_tiny_job(head_node: str, tiny: dict[str, str], tmp_
     assert (out / "checkpoints" / "step-000002" / "COMPLETE").exists()
 
 
+def test_actors_see_only_their_gpus_when_ray_does_not_set_them() -> None:
+    from actors.base import visible_devices
+
+    noset = {"RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1", "CUDA_VISIBLE_DEVICES": "0,1,2,3"}
+    assert visible_devices(noset, ["2", "3"]) == "2,3"
+    assert visible_devices(noset, []) is None  # a CPU actor: nothing to pin
+    assert visible_devices({"CUDA_VISIBLE_DEVICES": "1"}, ["1"]) is None  # Ray already set it
+    assert visible_devices({"RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "0"}, ["1"]) is None
+
+
 def test_runtime_env_forwards_only_known_prefixes() -> None:
     import importlib.util
 
@@ -112,8 +122,15 @@ def test_runtime_env_forwards_only_known_prefixes() -> None:
     spec.loader.exec_module(mod)
     env = mod.runtime_env(
         str(ROOT / "launch" / "runtime_env.yaml"),
-        {"WANDB_MODE": "online", "HF_TOKEN": "x", "AWS_SECRET_ACCESS_KEY": "no", "PATH": "/bin"},
+        {
+            "WANDB_MODE": "online",
+            "HF_TOKEN": "x",
+            "AWS_SECRET_ACCESS_KEY": "no",
+            "PATH": "/bin",
+            "CUDA_VISIBLE_DEVICES": "0",
+        },
     )
     assert env["env_vars"]["WANDB_MODE"] == "online" and env["env_vars"]["HF_TOKEN"] == "x"
+    assert "CUDA_VISIBLE_DEVICES" not in env["env_vars"]  # Ray owns it per actor
     assert "AWS_SECRET_ACCESS_KEY" not in env["env_vars"] and "PATH" not in env["env_vars"]
     assert ".git" in env["excludes"]

@@ -159,9 +159,14 @@ def test_zero_stages_gather_full_weights_for_sync_and_checkpoint(tiny, ray_clust
     )
     try:
         full = ray.get(d.trainers[0].state_dict_cpu.remote())
+        trace = ray.get(d.trainers[0].trace_state.remote())
     finally:
         d.shutdown()
     assert summary["weights_verified"] == 4
+    if stage == 3:
+        # our forward skips the top module's hook; the trainer resets the trace itself, so after 3 steps it is
+        # complete (DeepSpeed prefetches) instead of recording every fetch for ever
+        assert trace["complete"], trace
     assert all(t.numel() > 0 for t in full.values())  # gathered, not the empty ZeRO-3 placeholders
     from transformers import AutoModelForCausalLM
 
