@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from actors.base import ActorProcess, pin_visible_gpus
 from sdft_ray.config import Config, config_from_dict
 from sdft_ray.losses import topk_logprobs
-from sdft_ray.modeling import completion_logits, device_for, load_model, load_tokenizer
+from sdft_ray.modeling import completion_hidden, completion_logits, device_for, lm_head, load_model, load_tokenizer
 from sdft_ray.weight_sync import Bucket, load_bucket_into, model_checksum, receive_buckets
 
 
@@ -48,6 +48,19 @@ class TeacherScorer:
             return completion_logits(self.model, teacher_prompts, completions, self.pad).float()
         finally:
             self.model.train(was_training)
+
+    @torch.no_grad()
+    def hidden(self, teacher_prompts: list[list[int]], completions: list[list[int]]) -> torch.Tensor | None:
+        """Final hidden states at the completion positions (for the chunked loss), or None if not splittable."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            return completion_hidden(self.model, teacher_prompts, completions, self.pad)
+        finally:
+            self.model.train(was_training)
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        return lm_head(self.model, hidden)
 
     @torch.no_grad()
     def compact_scores(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -20,10 +20,12 @@ from actors.teacher import TeacherScorer
 from sdft_ray.config import config_from_dict
 from sdft_ray.ds_config import deepspeed_config, grad_accum_steps, lr_lambda
 from sdft_ray.errors import NonFiniteLossError
-from sdft_ray.losses import LossOutput, sdft_loss, sft_loss
+from sdft_ray.losses import LossOutput, chunked_sdft_loss, sdft_loss, sft_loss
 from sdft_ray.modeling import (
+    completion_hidden,
     completion_logits,
     device_for,
+    lm_head,
     load_model,
     load_tokenizer,
     pad_floats,
@@ -137,6 +139,12 @@ class StudentTrainer(ActorProcess):
                     lp[i, : len(r["logp_k"])] = r["logp_k"]
                     ix[i, : len(r["ids_k"])] = r["ids_k"]
                 kwargs["teacher_logp_k"], kwargs["teacher_support"] = lp, ix
+        elif lo.estimator == "full" and lo.chunk_tokens > 0 and self.teacher is not None:
+            t_hidden = self.teacher.hidden([m["teacher_prompt_ids"] for m in mb], comps)
+            if t_hidden is not None:  # else a model we cannot split into decoder + head: materialized logits
+                self._timing["teacher_s"] += time.perf_counter() - t0
+                return self._chunked_loss(mb, comps, t_hidden)
+            kwargs["teacher_logits"] = self.teacher.logits([m["teacher_prompt_ids"] for m in mb], comps)
         else:
             assert self.teacher is not None
             kwargs["teacher_logits"] = self.teacher.logits([m["teacher_prompt_ids"] for m in mb], comps)
@@ -160,6 +168,29 @@ class StudentTrainer(ActorProcess):
             skip_first=lo.skip_first_tokens,
             importance_clip=lo.importance_clip,
             **kwargs,
+        )
+
+    def _chunked_loss(self, mb: list[dict[str, Any]], comps: list[list[int]], t_hidden: torch.Tensor) -> LossOutput:
+        """The full-vocabulary loss from hidden states, ``loss.chunk_tokens`` tokens of logits at a time."""
+        lo = self.cfg.loss
+        s_hidden = completion_hidden(self.module, [m["prompt_ids"] for m in mb], comps, self.pad)
+        assert s_hidden is not None  # same architecture as the teacher, which could be split
+        dev = s_hidden.device
+        ids, mask = pad_right(comps, self.pad)
+        rollout_logp = pad_floats([m["rollout_logprobs"] for m in mb], ids.shape[1])
+        return chunked_sdft_loss(
+            s_hidden,
+            t_hidden.to(dev),
+            lambda h: lm_head(self.module, h),
+            self.teacher.head,
+            ids.to(dev),
+            mask.to(dev),
+            divergence_kind=lo.divergence,
+            alpha=lo.jsd_alpha,
+            rollout_logp=rollout_logp.to(dev) if self.cfg.importance_weighted else None,
+            skip_first=lo.skip_first_tokens,
+            importance_clip=lo.importance_clip,
+            chunk_tokens=lo.chunk_tokens,
         )
 
     def train_step(self, shards: list[Any], teacher_shards: list[Any] | None = None) -> dict[str, Any]:

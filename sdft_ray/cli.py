@@ -72,6 +72,11 @@ def main(argv: list[str] | None = None) -> int:
         "--compare-rollout", action="store_true", help="rollout tokens/s of vLLM vs HF generate, same settings"
     )
     be.add_argument("--out", default="bench_results", help="folder for JSON + Markdown results")
+    lm = sub.add_parser("loss-memory", help="peak memory of one loss step: materialized vs chunked logits")
+    lm.add_argument("--tokens", type=int, default=2048, help="tokens per micro-batch (e.g. 2 x 1024)")
+    lm.add_argument("--chunk", type=int, default=256, help="loss.chunk_tokens")
+    lm.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    lm.add_argument("--out", default="bench_results")
     tg = sub.add_parser(
         "teacher-gap", help="before training: accuracy and gold log-prob, student prompt vs teacher prompt"
     )
@@ -109,6 +114,11 @@ def main(argv: list[str] | None = None) -> int:
             from sdft_ray.testbed import make_tiny
 
             _print(make_tiny(args.out, args.size, args.pretrain_steps, args.seed))
+            return 0
+        if args.cmd == "loss-memory":
+            from sdft_ray.loss_memory import measure, report
+
+            print(report(measure(args.tokens, args.chunk, args.device), args.out, args.device))
             return 0
         if args.cmd == "make-tasks":
             from sdft_ray.tasks import make_tasks

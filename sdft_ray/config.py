@@ -94,6 +94,9 @@ class LossConfig:
     topk_tail: bool = True  # add a bucket for the probability mass outside the top-k
     skip_first_tokens: int = 3
     importance_clip: float = 2.0  # 0 disables the rollout/trainer importance correction
+    # full estimator: score this many tokens at a time from hidden states, recomputing each chunk's logits in
+    # backward, so [B, T, vocab] logits never exist (~0.6 GB per sequence per tensor at 7B, T=1024); 0 = off
+    chunk_tokens: int = 256
 
 
 @dataclass
@@ -418,6 +421,7 @@ def validate(cfg: Config) -> None:
     need(lo.skip_first_tokens >= 0, "loss.skip_first_tokens must be >= 0")
     need(lo.importance_clip >= 0, "loss.importance_clip must be >= 0 (0 disables the correction)")
     need(lo.top_k > 0, "loss.top_k must be > 0")
+    need(lo.chunk_tokens >= 0, "loss.chunk_tokens must be >= 0 (0 = materialize the logits)")
     if lo.estimator == "sampled":
         need(lo.divergence == "reverse_kl", "loss.estimator=sampled is only defined for loss.divergence=reverse_kl")
     if te.kind == "external":

@@ -8,10 +8,12 @@ mean over the batch of importance-weighted sequence losses.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 # log-probs below this are treated as zero probability; keeps 0 * log(0) terms (e.g. -inf logits of padded
 # vocab rows, or an empty top-k tail) from turning into NaN values or NaN gradients.
@@ -183,6 +185,75 @@ def sdft_loss(
     weights = None
     if rollout_logp is not None:
         weights = importance_weights(student_logp_tok.detach(), rollout_logp, mask, importance_clip)
+    return reduce_loss(per_token, mask, weights)
+
+
+def _chunk_terms(
+    student_hidden: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    ids: torch.Tensor,
+    student_head: Callable[[torch.Tensor], torch.Tensor],
+    teacher_head: Callable[[torch.Tensor], torch.Tensor],
+    kind: str,
+    alpha: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Divergence and student log-prob of the sampled token for one chunk of N tokens: [N], [N]."""
+    s = student_head(student_hidden).float()
+    with torch.no_grad():
+        t = teacher_head(teacher_hidden).float()
+    logp_s = F.log_softmax(s, -1)
+    return divergence(logp_s, F.log_softmax(t, -1), kind, alpha), logp_s.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+
+
+def chunked_sdft_loss(
+    student_hidden: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    student_head: Callable[[torch.Tensor], torch.Tensor],
+    teacher_head: Callable[[torch.Tensor], torch.Tensor],
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+    *,
+    divergence_kind: str = "forward_kl",
+    alpha: float = 0.5,
+    rollout_logp: torch.Tensor | None = None,
+    skip_first: int = 3,
+    importance_clip: float = 2.0,
+    chunk_tokens: int = 1024,
+) -> LossOutput:
+    """``sdft_loss`` with the full-vocabulary estimator, never holding [B, T, V] logits.
+
+    Takes final hidden states [B, T, H] and the two LM heads; only the counted tokens are scored, ``chunk_tokens``
+    at a time, each chunk's logits recomputed in backward (activation checkpointing) rather than kept. Peak
+    memory for the loss is then a few [chunk, V] tensors instead of several [B, T, V] ones (TRL's chunked JSD and
+    Liger's fused linear JSD do the same). Values and gradients equal ``sdft_loss``'s.
+    """
+    mask = loss_mask(completion_mask, skip_first)
+    counted = mask.bool()
+    hs, ht, ids = student_hidden[counted], teacher_hidden[counted], completion_ids[counted]
+    divs, lps = [], []
+    for i in range(0, hs.shape[0], max(1, chunk_tokens)):
+        sl = slice(i, i + chunk_tokens)
+        d, lp = checkpoint(
+            _chunk_terms,
+            hs[sl],
+            ht[sl],
+            ids[sl],
+            student_head,
+            teacher_head,
+            divergence_kind,
+            alpha,
+            use_reentrant=False,
+        )
+        divs.append(d)
+        lps.append(lp)
+    per_token = torch.zeros(mask.shape, dtype=torch.float32, device=hs.device)
+    logp_tok = torch.zeros(mask.shape, dtype=torch.float32, device=hs.device)
+    if divs:
+        per_token = per_token.masked_scatter(counted, torch.cat(divs))
+        logp_tok = logp_tok.masked_scatter(counted, torch.cat(lps).detach())
+    weights = None
+    if rollout_logp is not None:
+        weights = importance_weights(logp_tok, rollout_logp, mask, importance_clip)
     return reduce_loss(per_token, mask, weights)
 
 

@@ -144,14 +144,30 @@ def pad_right(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tens
     return ids, mask
 
 
-def completion_logits(
+def completion_hidden(
     model: torch.nn.Module, prompts: list[list[int]], completions: list[list[int]], pad: int
-) -> torch.Tensor:
-    """Logits [B, Tc, V] predicting each completion token, for prompt+completion run through ``model``.
+) -> torch.Tensor | None:
+    """Final hidden states [B, Tc, H] that predict each completion token, or None for a model we cannot split
+    into decoder + LM head (then use ``completion_logits``).
 
-    Sequences are right-padded so positions are plain 0..L-1 for every row. The LM head is applied only to
-    the completion positions: on a 150k vocabulary the full [B, L, V] logits would dominate memory.
+    Sequences are right-padded so positions are plain 0..L-1 for every row.
     """
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    if decoder is None or model.get_output_embeddings() is None:
+        return None
+    ids, attn, pos = _completion_positions(model, prompts, completions, pad)
+    hidden = decoder(input_ids=ids, attention_mask=attn).last_hidden_state
+    return hidden.gather(1, pos.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+
+
+def lm_head(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """Logits from final hidden states, exactly as the model's own forward computes them."""
+    return finish_logits(model, model.get_output_embeddings()(hidden))
+
+
+def _completion_positions(
+    model: torch.nn.Module, prompts: list[list[int]], completions: list[list[int]], pad: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     device = next(model.parameters()).device
     full = [p + c for p, c in zip(prompts, completions, strict=True)]
     ids, attn = pad_right(full, pad)
@@ -162,15 +178,23 @@ def completion_logits(
         n = len(c)
         pos[i, :n] = torch.arange(len(p) - 1, len(p) - 1 + n)
         pos[i, n:] = len(p) - 1  # padding rows point at a valid position; masked out later
-    ids, attn, pos = ids.to(device), attn.to(device), pos.to(device)
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
-    head = model.get_output_embeddings()
-    if decoder is None or head is None:
-        logits = model(input_ids=ids, attention_mask=attn).logits
-        return logits.gather(1, pos.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
-    hidden = decoder(input_ids=ids, attention_mask=attn).last_hidden_state
-    hidden = hidden.gather(1, pos.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
-    return finish_logits(model, head(hidden))
+    return ids.to(device), attn.to(device), pos.to(device)
+
+
+def completion_logits(
+    model: torch.nn.Module, prompts: list[list[int]], completions: list[list[int]], pad: int
+) -> torch.Tensor:
+    """Logits [B, Tc, V] predicting each completion token, for prompt+completion run through ``model``.
+
+    The LM head is applied only to the completion positions: on a 150k vocabulary the full [B, L, V] logits
+    would dominate memory. (The chunked loss goes further and never holds [B, Tc, V]: ``completion_hidden``.)
+    """
+    hidden = completion_hidden(model, prompts, completions, pad)
+    if hidden is not None:
+        return lm_head(model, hidden)
+    ids, attn, pos = _completion_positions(model, prompts, completions, pad)
+    logits = model(input_ids=ids, attention_mask=attn).logits
+    return logits.gather(1, pos.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
 
 
 def finish_logits(model: torch.nn.Module, logits: torch.Tensor) -> torch.Tensor:

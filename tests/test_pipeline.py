@@ -175,3 +175,20 @@ def test_zero_stages_gather_full_weights_for_sync_and_checkpoint(tiny, ray_clust
     for n, t in full.items():
         torch.testing.assert_close(saved[n], t)
     assert all(r["skipped_step"] == 0 and r["loss"] > 0 for r in _rows(tmp_path))
+
+
+def test_chunked_and_materialized_loss_train_identically(tiny, ray_cluster, tmp_path: Path) -> None:
+    """The trainer's chunked path (the default) and the materialized one: same losses, same weights after 2 steps."""
+    over = dict(train__steps=2, train__save_every=2, rollout__max_new_tokens=12)
+    _run(tiny, tmp_path / "chunked", loss__chunk_tokens=5, **over)
+    _run(tiny, tmp_path / "full", loss__chunk_tokens=0, **over)
+    a, b = _rows(tmp_path / "chunked"), _rows(tmp_path / "full")
+    assert [r["tokens"] for r in a] == [r["tokens"] for r in b]  # same rollouts
+    for ra, rb in zip(a, b, strict=True):
+        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-5) and ra["loss"] > 0
+    from safetensors.torch import load_file
+
+    wa = load_file(str(tmp_path / "chunked" / "checkpoints" / "step-000002" / "student" / "model.safetensors"))
+    wb = load_file(str(tmp_path / "full" / "checkpoints" / "step-000002" / "student" / "model.safetensors"))
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-6)
