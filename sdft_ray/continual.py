@@ -100,7 +100,8 @@ def run_continual(config: str | None, overrides: list[str] | None = None) -> dic
         rows.append(st.name)
         matrix.append([scores[t] for t in tasks])
     wall = time.perf_counter() - t0
-    run = {"config": config, "overrides": list(overrides or []), "wall_s": wall}
+    settings = [o for o in overrides or [] if not o.startswith("train.overwrite=")]  # how, not what, was run
+    run = {"config": config, "config_sha256": _sha(config), "overrides": settings, "wall_s": wall}
     summary = write_reports(out, rows, tasks, matrix, cfg.train.algo, run)
     (out / "summary.txt").write_text(summary + "\n")
     return {
@@ -114,17 +115,26 @@ def run_continual(config: str | None, overrides: list[str] | None = None) -> dic
     }
 
 
+def _sha(config: str | None) -> str:
+    """The config file's content: a run made with an edited file of the same name is another run."""
+    import hashlib
+
+    return hashlib.sha256(Path(config).read_bytes()).hexdigest() if config else ""
+
+
 def finished_run(out: Path, config: str | None, overrides: list[str]) -> dict[str, Any] | None:
     """The result of a continual run already completed in ``out`` with exactly this config, else None.
 
     Lets a multi-seed comparison that was interrupted (or extended with more seeds) go on without redoing
-    runs; a run with other settings in the same folder is never reused.
+    runs; a run with other settings (overrides or config file content) is never reused. Runs should come from
+    the same code version too: that is the caller's to keep (e.g. a git worktree at a fixed commit).
     """
     path = out / "continual" / "matrix.json"
     if not path.is_file():
         return None
     rec = json.loads(path.read_text())
-    if rec.get("config") != config or rec.get("overrides") != list(overrides) or "wall_s" not in rec:
+    same = rec.get("config") == config and rec.get("config_sha256") == _sha(config)
+    if not same or rec.get("overrides") != list(overrides) or "wall_s" not in rec:
         return None
     note = path.parent / "summary.txt"
     summary = note.read_text().strip() if note.is_file() else ""
@@ -159,7 +169,8 @@ def compare_methods(
             done = finished_run(root / f"{algo}_seed{seed}", config, over)
             if done is not None:
                 print(f"sdft-ray: reusing the finished {algo} seed {seed} run in {done['output']}", flush=True)
-            results[algo].append(done or run_continual(config, over))
+            # an unfinished run's folders (an interrupted earlier attempt) are started over
+            results[algo].append(done or run_continual(config, [*over, "train.overwrite=true"]))
     tasks = results[algos[0]][0]["tasks"]
     new = [t for t in tasks if t in new_tasks]
     old = [t for t in tasks if t not in new_tasks]
