@@ -2,13 +2,19 @@
 # Submit a training job to a running cluster:
 #   launch/submit.sh configs/multi_node.yaml train.lr=1e-5
 # Uploads this folder as the job's working dir, with launch/runtime_env.yaml, and forwards the submitting
-# shell's WANDB_*, HF_*, NCCL_*, SDFT_* and OPENAI_* variables to every actor of the job.
+# shell's WANDB_*, HF_*, NCCL_*, SDFT_* and OPENAI_* variables to every actor of the job, except secrets
+# (*KEY*, *TOKEN*, *SECRET*, *PASSWORD*): those must be in the environment of `ray start` on every node.
 set -euo pipefail
 config="${1:?usage: submit.sh CONFIG [key=value ...]}"; shift
 # Ray clusters here use token auth: the token lives in ~/.ray/auth_token (or $RAY_AUTH_TOKEN_PATH);
-# copy that file to every worker node and every machine that submits jobs.
+# copy that file from the head to every worker node and every machine that submits jobs. A token generated
+# here could never match the head's, so a missing one is an error.
 export RAY_AUTH_MODE="${RAY_AUTH_MODE:-token}"
-if [ "$RAY_AUTH_MODE" = token ] && [ -z "${RAY_AUTH_TOKEN:-}" ]; then ray get-auth-token --generate >/dev/null; fi
+token_file="${RAY_AUTH_TOKEN_PATH:-$HOME/.ray/auth_token}"
+if [ "$RAY_AUTH_MODE" = token ] && [ -z "${RAY_AUTH_TOKEN:-}" ] && [ ! -s "$token_file" ]; then
+  echo "submit.sh: no Ray auth token ($token_file); copy it from the head node (or set RAY_AUTH_TOKEN)" >&2
+  exit 2
+fi
 address="${RAY_DASHBOARD_ADDRESS:-http://127.0.0.1:8265}"
 here="$(cd "$(dirname "$0")" && pwd)"
 env_json="$(python "$here/runtime_env.py" "$here/runtime_env.yaml")"

@@ -81,6 +81,7 @@ def test_ray_job_submit_runs_tiny_job(head_node: str, tiny: dict[str, str], tmp_
         "RAY_DASHBOARD_ADDRESS": head_node,
         "SDFT_OVERRIDES": "train.steps=2",
         "WANDB_MODE": "disabled",
+        "WANDB_API_KEY": "sk-test-NOT-FOR-LOGS-7731",
     }
     env.pop("RAY_ADDRESS", None)
     cmd = [
@@ -102,6 +103,13 @@ def test_ray_job_submit_runs_tiny_job(head_node: str, tiny: dict[str, str], tmp_
     start = next(e for e in events if e.get("event") == "start")
     assert "SDFT_OVERRIDES" in start["env_names"] and "WANDB_MODE" in start["env_names"]
     assert (out / "checkpoints" / "step-000002" / "COMPLETE").exists()
+    # the secret in the submitting shell is named as not forwarded, and appears in no job metadata
+    assert "not forwarding WANDB_API_KEY" in res.stderr
+    listing = subprocess.run(
+        ["ray", "job", "list", "--address", head_node], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert listing.returncode == 0 and "sk-test-NOT-FOR-LOGS-7731" not in listing.stdout + listing.stderr
+    assert "sk-test-NOT-FOR-LOGS-7731" not in log and "sk-test-NOT-FOR-LOGS-7731" not in str(events)
 
 
 def test_actors_see_only_their_gpus_when_ray_does_not_set_them() -> None:
@@ -120,17 +128,21 @@ def test_runtime_env_forwards_only_known_prefixes() -> None:
     spec = importlib.util.spec_from_file_location("runtime_env", ROOT / "launch" / "runtime_env.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    env = mod.runtime_env(
+    env, secrets = mod.runtime_env(
         str(ROOT / "launch" / "runtime_env.yaml"),
         {
             "WANDB_MODE": "online",
+            "HF_HOME": "/data/hf",
             "HF_TOKEN": "x",
+            "WANDB_API_KEY": "k",
             "AWS_SECRET_ACCESS_KEY": "no",
             "PATH": "/bin",
             "CUDA_VISIBLE_DEVICES": "0",
         },
     )
-    assert env["env_vars"]["WANDB_MODE"] == "online" and env["env_vars"]["HF_TOKEN"] == "x"
+    assert env["env_vars"]["WANDB_MODE"] == "online" and env["env_vars"]["HF_HOME"] == "/data/hf"
+    # secrets never go into job metadata (readable by anyone who can list jobs, and logged by Ray)
+    assert secrets == ["HF_TOKEN", "WANDB_API_KEY"] and not set(secrets) & set(env["env_vars"])
     assert "CUDA_VISIBLE_DEVICES" not in env["env_vars"]  # Ray owns it per actor
     assert "AWS_SECRET_ACCESS_KEY" not in env["env_vars"] and "PATH" not in env["env_vars"]
     assert ".git" in env["excludes"]
