@@ -106,7 +106,11 @@ def test_ray_job_submit_runs_tiny_job(head_node: str, tiny: dict[str, str], tmp_
     # the secret in the submitting shell is named as not forwarded, and appears in no job metadata
     assert "not forwarding WANDB_API_KEY" in res.stderr
     listing = subprocess.run(
-        ["ray", "job", "list", "--address", head_node], env=env, capture_output=True, text=True, timeout=120
+        ["ray", "job", "list", "--address", head_node],
+        env={**env, "RAY_AUTH_MODE": "token"},  # as the README says: Ray's own commands need it
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert listing.returncode == 0 and "sk-test-NOT-FOR-LOGS-7731" not in listing.stdout + listing.stderr
     assert "sk-test-NOT-FOR-LOGS-7731" not in log and "sk-test-NOT-FOR-LOGS-7731" not in str(events)
