@@ -27,6 +27,7 @@ def _ours(cfg: Config, steps: int) -> dict[str, Any]:
     init_ray()
     c = copy.deepcopy(cfg)
     c.train.steps, c.train.save_every, c.data.eval = steps + 1, 0, ""
+    c.train.overwrite = True  # a scratch run of its own: a second bench replaces the first
     c.train.output_dir = str(Path(cfg.train.output_dir) / f"bench_{c.train.algo}")
     c.logging.progress_bar = False
     d = SDFTDriver(c)

@@ -166,11 +166,19 @@ def prepare_output(output_dir: str, resume: str, overwrite: bool) -> Path | None
 
     Returns the checkpoint to resume from (None for a fresh start).
     """
+    out = Path(output_dir)
+    try:  # a folder we can write to, found out now rather than at the first checkpoint
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        what = {17: "is a file", 20: "is under a file"}.get(e.errno or 0, f"is not writable ({e.strerror})")
+        raise CheckpointError(f"train.output_dir {out} {what}; choose a folder this job can write to") from None
     root = checkpoint_root(output_dir)
     if root.is_dir():
         for tmp in root.glob(".tmp-*"):  # a writer killed mid-checkpoint; never marked complete
             shutil.rmtree(tmp, ignore_errors=True)
-    out = Path(output_dir)
     previous = [p.name for p in (*complete_checkpoints(output_dir), out / "metrics.jsonl") if p.exists()]
     if previous and not resume:
         if not overwrite:

@@ -87,6 +87,15 @@ def test_an_existing_run_is_not_overwritten_without_asking(tmp_path: Path) -> No
     assert ckpt.prepare_output(str(tmp_path / "fresh"), "", overwrite=False) is None
 
 
+def test_output_dir_that_cannot_be_written_is_named(tmp_path: Path) -> None:
+    f = tmp_path / "afile"
+    f.write_text("x")
+    with pytest.raises(CheckpointError, match=r"afile is a file; choose a folder"):
+        ckpt.prepare_output(str(f), "", overwrite=False)
+    with pytest.raises(CheckpointError, match=r"afile/run is under a file"):
+        ckpt.prepare_output(str(f / "run"), "", overwrite=False)
+
+
 def test_every_file_is_on_disk_before_the_marker(tmp_path: Path, monkeypatch) -> None:
     synced: list[str] = []
     real = os.fsync
