@@ -34,6 +34,17 @@ from sdft_ray.modeling import (
 from sdft_ray.weight_sync import Bucket, Meta, bucket_checksum, iter_param_buckets, model_checksum
 
 
+def rollout_logprobs(mb: list[dict[str, Any]], width: int) -> torch.Tensor:
+    """The engine's log-probs of the sampled tokens [B, width]; one per token or an error (F17): zero-filled gaps
+    would silently pull the importance weights towards exp(logp_trainer)."""
+    for m in mb:
+        if len(m["rollout_logprobs"]) != len(m["completion_ids"]):
+            raise ValueError(
+                f"rollout {m.get('uid')}: {len(m['rollout_logprobs'])} log-probs for {len(m['completion_ids'])} tokens"
+            )
+    return pad_floats([m["rollout_logprobs"] for m in mb], width)
+
+
 def _init_distributed_env(rank: int, world_size: int, master_addr: str, master_port: int) -> None:
     os.environ.update(
         MASTER_ADDR=master_addr,
@@ -152,7 +163,7 @@ class StudentTrainer(ActorProcess):
         logits = completion_logits(self.module, [m["prompt_ids"] for m in mb], comps, self.pad)
         dev = logits.device
         ids, mask = pad_right(comps, self.pad)
-        rollout_logp = pad_floats([m["rollout_logprobs"] for m in mb], ids.shape[1])
+        rollout_logp = rollout_logprobs(mb, ids.shape[1])
         kwargs = {k: v.to(dev) for k, v in kwargs.items()}
         return sdft_loss(
             logits,
@@ -177,7 +188,7 @@ class StudentTrainer(ActorProcess):
         assert s_hidden is not None  # same architecture as the teacher, which could be split
         dev = s_hidden.device
         ids, mask = pad_right(comps, self.pad)
-        rollout_logp = pad_floats([m["rollout_logprobs"] for m in mb], ids.shape[1])
+        rollout_logp = rollout_logprobs(mb, ids.shape[1])
         return chunked_sdft_loss(
             s_hidden,
             t_hidden.to(dev),

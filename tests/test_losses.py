@@ -289,3 +289,13 @@ def test_chunked_loss_equals_materialized_and_reference(kind: str, alpha: float,
     assert chunked.loss.item() == pytest.approx(ref.item(), rel=1e-5, abs=1e-6)
     torch.testing.assert_close(gh.double(), h64.grad, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(gw.double(), w64.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_missing_rollout_logprobs_are_an_error_not_zeros() -> None:
+    from actors.trainer import rollout_logprobs
+
+    ok = [{"uid": "a", "completion_ids": [1, 2], "rollout_logprobs": [-0.1, -0.2]}]
+    assert rollout_logprobs(ok, 3).tolist() == [[pytest.approx(-0.1), pytest.approx(-0.2), 0.0]]
+    short = [{"uid": "b", "completion_ids": [1, 2, 3], "rollout_logprobs": [-0.1]}]
+    with pytest.raises(ValueError, match="rollout b: 1 log-probs for 3 tokens"):
+        rollout_logprobs(short, 3)
