@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,26 @@ from sdft_ray.modeling import (
     pad_right,
 )
 from sdft_ray.weight_sync import Bucket, Meta, bucket_checksum, iter_param_buckets, model_checksum
+
+
+def inner_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+    """The torch optimizer that holds Adam's state, under DeepSpeed's ZeRO / bf16 wrappers."""
+    while hasattr(optimizer, "optimizer") and optimizer.optimizer is not optimizer:
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+@contextmanager
+def skip_update(optimizer: Any) -> Iterator[None]:
+    """For a step with a non-finite micro-batch (F16): the inner optimizer's step does nothing, so no weight
+    moves and Adam's moments and step count are exactly as before (an lr of 0 would still fold the other
+    micro-batches' gradients into the moments)."""
+    inner = inner_optimizer(optimizer)
+    inner.step = lambda *args, **kwargs: None  # shadows the class's step for this one call
+    try:
+        yield
+    finally:
+        del inner.step
 
 
 def rollout_logprobs(mb: list[dict[str, Any]], width: int) -> torch.Tensor:
@@ -240,13 +262,13 @@ class StudentTrainer(ActorProcess):
                 weights.append(out.weights.mean().item())
                 tokens += out.tokens
             self.engine.backward(loss)
-            if i == self.gas - 1:
-                if bad:
-                    for g in self.optimizer.param_groups:
-                        g["lr"] = 0.0  # a skipped step: no parameter moves (schedule still advances)
-                elif self.cfg.train.zero_stage == 0:
-                    grad_norm = self._grad_norm()
-            self.engine.step()
+            if i == self.gas - 1 and not bad and self.cfg.train.zero_stage == 0:
+                grad_norm = self._grad_norm()
+            if i == self.gas - 1 and bad:
+                with skip_update(self.optimizer):
+                    self.engine.step()  # DeepSpeed still zeroes the grads and advances the LR schedule
+            else:
+                self.engine.step()
         train_s = time.perf_counter() - t0 - self._timing["teacher_s"]
         if bad:
             self.bad_steps += 1

@@ -161,7 +161,8 @@ def test_nonfinite_loss_skips_step_then_aborts(tiny, ray_cluster, tmp_path: Path
     from actors.trainer import NonFiniteLossError, StudentTrainer
     from sdft_ray.driver import _free_address
 
-    cfg = load_config(None, tiny_overrides(tiny, tmp_path, train__max_bad_steps=2, loss__importance_clip=0))
+    over = tiny_overrides(tiny, tmp_path, train__max_bad_steps=2, loss__importance_clip=0, train__warmup_ratio=0)
+    cfg = load_config(None, over)  # no warmup: HF-style warmup gives step 0 an lr of 0
     tr = StudentTrainer(cfg.to_dict(), total_steps=10, master_port=_free_address()[1])
     items = [
         {
@@ -184,10 +185,18 @@ def test_nonfinite_loss_skips_step_then_aborts(tiny, ray_cluster, tmp_path: Path
     saved = {n: p.detach().clone() for n, p in tr.teacher.model.named_parameters()}
     with torch.no_grad():
         next(tr.teacher.model.parameters()).fill_(float("nan"))  # teacher logits become NaN
+    from actors.trainer import inner_optimizer
+
+    adam = inner_optimizer(tr.optimizer)
+    moments = {id(p): {k: v.clone() for k, v in st.items() if torch.is_tensor(v)} for p, st in adam.state.items()}
+    assert moments
     bad = tr.train_step(batch)
     assert bad["skipped_step"] == 1
     after = tr.state_dict_cpu()
     assert all(torch.equal(moved[k], after[k]) for k in moved), "a skipped step must not move the student"
+    for p, st in adam.state.items():  # F16: nor fold the other micro-batches' gradients into Adam's state
+        for k, v in moments[id(p)].items():
+            assert torch.equal(st[k], v), k
     with pytest.raises(NonFiniteLossError, match="2 consecutive steps"):
         tr.train_step(batch)
 
