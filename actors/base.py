@@ -32,6 +32,15 @@ class ActorProcess:
         """Also the driver's liveness ping: an answer means the process is up."""
         return os.getpid()
 
+    def device_memory(self) -> dict[str, float]:
+        """Free and total memory of this actor's GPU as the driver sees it (device-wide, every process), in MB."""
+        import torch
+
+        if not torch.cuda.is_available():
+            return {}
+        free, total = torch.cuda.mem_get_info()
+        return {"free_mb": free / 2**20, "total_mb": total / 2**20}
+
     def peak_memory(self) -> dict[str, float]:
         from sdft_ray.modeling import peak_memory_mb
 
