@@ -167,6 +167,13 @@ def prepare_output(output_dir: str, resume: str, overwrite: bool) -> Path | None
     Returns the checkpoint to resume from (None for a fresh start).
     """
     out = Path(output_dir)
+    if not out.is_absolute() and os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):
+        # set by Ray for a `ray job submit` entrypoint, whose working dir is Ray's package cache: shared by
+        # every job with the same code, and deleted with it
+        raise CheckpointError(
+            f"train.output_dir {output_dir} is relative, and under `ray job submit` that means Ray's temporary "
+            "package cache; give an absolute path on a filesystem every node sees (train.output_dir=/shared/...)"
+        )
     try:  # a folder we can write to, found out now rather than at the first checkpoint
         out.mkdir(parents=True, exist_ok=True)
         probe = out / f".write-test-{os.getpid()}"

@@ -96,6 +96,15 @@ def test_output_dir_that_cannot_be_written_is_named(tmp_path: Path) -> None:
         ckpt.prepare_output(str(f / "run"), "", overwrite=False)
 
 
+def test_relative_output_dir_under_ray_job_submit_is_refused(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert ckpt.prepare_output("runs/here", "", overwrite=False) is None  # a plain local run: fine
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")  # what Ray sets for a submitted entrypoint
+    with pytest.raises(CheckpointError, match="runs/x is relative, and under `ray job submit`"):
+        ckpt.prepare_output("runs/x", "", overwrite=False)
+    assert ckpt.prepare_output(str(tmp_path / "abs"), "", overwrite=False) is None
+
+
 def test_every_file_is_on_disk_before_the_marker(tmp_path: Path, monkeypatch) -> None:
     synced: list[str] = []
     real = os.fsync
