@@ -7,6 +7,7 @@ A checkpoint folder ``step-000012/`` holds ``student/`` (HF format, safetensors)
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -120,6 +121,28 @@ def verify_checkpoint(path: Path) -> None:
                 torch.load(str(f), map_location="cpu", weights_only=True, mmap=True)
         except Exception as e:
             raise CheckpointError(f"checkpoint {path.name} is damaged: {rel} ({str(e).splitlines()[0]})") from None
+
+
+def disk_error(e: BaseException, output_dir: str) -> str | None:
+    """What went wrong on disk behind ``e`` (also raised inside a Ray actor), or None if it was not the disk.
+
+    torch.save reports a full disk as "RuntimeError: basic_ios::clear: iostream error", not as ENOSPC, so the
+    free space left is checked too.
+    """
+    cause: BaseException | None = e
+    for _ in range(10):
+        if cause is None:
+            break
+        if isinstance(cause, OSError) and cause.errno is not None:
+            if cause.errno == errno.ENOSPC:
+                return "no space left on device"
+            return f"{cause.strerror} ({cause.filename})"
+        cause = getattr(cause, "cause", None) or cause.__cause__ or cause.__context__
+    try:
+        free = shutil.disk_usage(output_dir).free
+    except OSError:
+        return None
+    return f"no space left on device ({free / 2**20:.1f} MB free)" if free < 64 * 2**20 else None
 
 
 def _import(dotted: str) -> Any:

@@ -6,6 +6,7 @@ Every subcommand that runs a job takes ``--config FILE`` plus ``section.key=valu
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -189,6 +190,15 @@ def main(argv: list[str] | None = None) -> int:
         how = "SIGTERM" if isinstance(e, Stopped) else "Ctrl-C (SIGINT)"
         print(f"sdft-ray: stopped by {how}; the last complete checkpoint is kept", file=sys.stderr)
         return 130
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        print(
+            f"error: no space left on device ({e.filename or 'writing the run log'}); the last complete checkpoint "
+            "is intact: free space, then rerun with train.resume=auto",
+            file=sys.stderr,
+        )
+        return 1
     except RuntimeError as e:
         if "not installed" not in str(e):
             raise

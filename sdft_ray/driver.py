@@ -11,18 +11,20 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import socket
 import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from sdft_ray import checkpoint as ckpt
 from sdft_ray.config import Config
 from sdft_ray.data import LoadReport, PromptSampler, load_examples, tokenize_examples
 from sdft_ray.ds_config import samples_per_step
-from sdft_ray.errors import ActorFailure, stop_on_sigterm
+from sdft_ray.errors import ActorFailure, CheckpointError, stop_on_sigterm
 from sdft_ray.metrics import MetricsLogger
 from sdft_ray.modeling import load_tokenizer
 
@@ -432,16 +434,30 @@ class SDFTDriver:
 
     # ------------------------------------------------------------ checkpoints
     def save(self) -> None:
-        tmp = ckpt.temp_dir(self.cfg.train.output_dir, self.step)
-        self._get([tr.save.remote(str(tmp)) for tr in self.trainers], "checkpoint save")
-        state = {
-            "step": self.step,
-            "version": self.version,
-            "sampler_position": self.step,
-            "total_steps": self.total_steps,
-            "time": time.time(),
-        }
-        final = ckpt.finalize(tmp, self.step, state, self.cfg.train.keep_checkpoints)
+        tmp: Path | None = None
+        try:
+            tmp = ckpt.temp_dir(self.cfg.train.output_dir, self.step)
+            self._get([tr.save.remote(str(tmp)) for tr in self.trainers], "checkpoint save")
+            state = {
+                "step": self.step,
+                "version": self.version,
+                "sampler_position": self.step,
+                "total_steps": self.total_steps,
+                "time": time.time(),
+            }
+            final = ckpt.finalize(tmp, self.step, state, self.cfg.train.keep_checkpoints)
+        except Exception as e:
+            err = ckpt.disk_error(e, self.cfg.train.output_dir)
+            if err is None:
+                raise
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)  # never marked complete: the last good one stays newest
+            last = ckpt.complete_checkpoints(self.cfg.train.output_dir)
+            kept = f"{last[-1].name} is intact" if last else "no earlier checkpoint exists"
+            raise CheckpointError(
+                f"{err} while writing checkpoint step {self.step} under {self.cfg.train.output_dir}; {kept}. "
+                "Free space, then rerun with train.resume=auto"
+            ) from None
         self.logger.event("checkpoint", step=self.step, path=str(final))
 
     def restore(self) -> None:

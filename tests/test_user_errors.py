@@ -120,3 +120,32 @@ def test_signal_stops_cleanly_keeping_the_last_checkpoint(tiny, tmp_path: Path, 
     time.sleep(10)  # Ray's own processes exit shortly after the driver
     alive = [p for p in children if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
     assert not alive, [psutil.Process(p).cmdline()[:3] for p in alive]
+
+
+def test_disk_full_during_a_checkpoint_keeps_the_previous_one_and_resumes(tiny, tmp_path: Path) -> None:
+    """ENOSPC while writing a checkpoint: one clear line, the previous checkpoint intact, then resume=auto works."""
+    small = tmp_path / "small"
+    small.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=5m", "tmpfs", str(small)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        out = small / "run"
+        over = tiny_overrides(tiny, out, train__steps=6, train__save_every=2, train__keep_checkpoints=1)
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        cmd = [sys.executable, "-m", "sdft_ray.cli", "train", *over, "pipeline.max_staleness=0"]
+        res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert res.returncode == 2, res.stderr[-3000:]
+        assert "Traceback" not in res.stderr, res.stderr[-3000:]
+        assert "checkpoint error: no space left on device" in res.stderr
+        assert "while writing checkpoint step 4" in res.stderr
+        assert "step-000002 is intact" in res.stderr
+        kept = ckpt.complete_checkpoints(str(out))
+        assert [p.name for p in kept] == ["step-000002"] and not list((out / "checkpoints").glob(".tmp-*"))
+        ckpt.verify_checkpoint(kept[0])
+        subprocess.run(["mount", "-o", "remount,size=64m", str(small)], check=True)
+        res = subprocess.run([*cmd, "train.resume=auto"], env=env, capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert ckpt.complete_checkpoints(str(out))[-1].name == "step-000006"
+    finally:
+        subprocess.run(["umount", "-l", str(small)], capture_output=True)
