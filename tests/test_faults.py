@@ -19,6 +19,7 @@ from conftest import BACKENDS, tiny_overrides
 from sdft_ray import checkpoint as ckpt
 from sdft_ray.config import load_config
 from sdft_ray.driver import ActorFailure, SDFTDriver
+from sdft_ray.errors import CheckpointError
 
 
 def _cli(tiny, out: Path, *extra: str) -> list[str]:
@@ -77,7 +78,7 @@ def test_partial_checkpoint_is_ignored(tmp_path: Path) -> None:
     fake = ckpt.checkpoint_root(out) / "step-000006"  # renamed by hand but never marked complete
     fake.mkdir()
     assert ckpt.resolve_resume("auto", out).name == "step-000002"
-    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+    with pytest.raises(CheckpointError, match="not a complete checkpoint"):
         ckpt.resolve_resume(str(fake), out)
 
 
