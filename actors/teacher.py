@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 import os
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -40,24 +42,26 @@ class TeacherScorer:
             self.owns_model = True
         self.master: dict[str, torch.Tensor] | None = None  # fp32 EMA state when the teacher is low precision
 
-    @torch.no_grad()
-    def logits(self, teacher_prompts: list[list[int]], completions: list[list[int]]) -> torch.Tensor:
+    @contextmanager
+    def _eval_mode(self) -> Iterator[None]:
+        # the live-student teacher is the training module itself: score it without dropout, then give it back
         was_training = self.model.training
         self.model.eval()
         try:
-            return completion_logits(self.model, teacher_prompts, completions, self.pad).float()
+            yield
         finally:
             self.model.train(was_training)
 
     @torch.no_grad()
+    def logits(self, teacher_prompts: list[list[int]], completions: list[list[int]]) -> torch.Tensor:
+        with self._eval_mode():
+            return completion_logits(self.model, teacher_prompts, completions, self.pad).float()
+
+    @torch.no_grad()
     def hidden(self, teacher_prompts: list[list[int]], completions: list[list[int]]) -> torch.Tensor | None:
         """Final hidden states at the completion positions (for the chunked loss), or None if not splittable."""
-        was_training = self.model.training
-        self.model.eval()
-        try:
+        with self._eval_mode():
             return completion_hidden(self.model, teacher_prompts, completions, self.pad)
-        finally:
-            self.model.train(was_training)
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         return lm_head(self.model, hidden)

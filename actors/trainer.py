@@ -172,15 +172,15 @@ class StudentTrainer(ActorProcess):
                     lp[i, : len(r["logp_k"])] = r["logp_k"]
                     ix[i, : len(r["ids_k"])] = r["ids_k"]
                 kwargs["teacher_logp_k"], kwargs["teacher_support"] = lp, ix
-        elif lo.estimator == "full" and lo.chunk_tokens > 0 and self.teacher is not None:
-            t_hidden = self.teacher.hidden([m["teacher_prompt_ids"] for m in mb], comps)
-            if t_hidden is not None:  # else a model we cannot split into decoder + head: materialized logits
-                self._timing["teacher_s"] += time.perf_counter() - t0
-                return self._chunked_loss(mb, comps, t_hidden)
-            kwargs["teacher_logits"] = self.teacher.logits([m["teacher_prompt_ids"] for m in mb], comps)
         else:
             assert self.teacher is not None
-            kwargs["teacher_logits"] = self.teacher.logits([m["teacher_prompt_ids"] for m in mb], comps)
+            t_prompts = [m["teacher_prompt_ids"] for m in mb]
+            if lo.estimator == "full" and lo.chunk_tokens > 0:
+                t_hidden = self.teacher.hidden(t_prompts, comps)
+                if t_hidden is not None:  # else a model we cannot split into decoder + head: materialized logits
+                    self._timing["teacher_s"] += time.perf_counter() - t0
+                    return self._chunked_loss(mb, comps, t_hidden)
+            kwargs["teacher_logits"] = self.teacher.logits(t_prompts, comps)
         self._timing["teacher_s"] += time.perf_counter() - t0
         logits = completion_logits(self.module, [m["prompt_ids"] for m in mb], comps, self.pad)
         dev = logits.device

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from sdft_ray.errors import CheckpointError
+from sdft_ray.errors import CheckpointError, first_line
 
 MARKER = "COMPLETE"
 # Classes DeepSpeed pickles into its optimizer state (ZeRO 1-3): plain data holders. Resuming unpickles with
@@ -110,7 +110,7 @@ def verify_checkpoint(path: Path) -> None:
         try:
             found = set(torch.serialization.get_unsafe_globals_in_checkpoint(str(f)))
         except Exception as e:  # truncated zip, bad pickle stream
-            raise CheckpointError(f"checkpoint {path.name} is damaged: {rel} ({str(e).splitlines()[0]})") from None
+            raise CheckpointError(f"checkpoint {path.name} is damaged: {rel} ({first_line(e)})") from None
         if found - allowed:
             raise CheckpointError(
                 f"checkpoint {path.name}: {rel} refers to {', '.join(sorted(found - allowed))}; loading it could "
@@ -120,7 +120,7 @@ def verify_checkpoint(path: Path) -> None:
             with torch.serialization.safe_globals([_import(g) for g in sorted(found)]):
                 torch.load(str(f), map_location="cpu", weights_only=True, mmap=True)
         except Exception as e:
-            raise CheckpointError(f"checkpoint {path.name} is damaged: {rel} ({str(e).splitlines()[0]})") from None
+            raise CheckpointError(f"checkpoint {path.name} is damaged: {rel} ({first_line(e)})") from None
 
 
 def disk_error(e: BaseException, output_dir: str) -> str | None:

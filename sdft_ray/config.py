@@ -16,6 +16,8 @@ from typing import Any
 
 import yaml
 
+from sdft_ray.errors import first_line
+
 
 class ConfigError(ValueError):
     """A config value or key is wrong; the message names the key."""
@@ -343,7 +345,7 @@ def _read_yaml(p: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     try:
         loaded = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+        raise ConfigError(f"{p}: not valid YAML ({first_line(e)})") from None
     if not isinstance(loaded, dict):
         raise ConfigError(f"{p}: top level must be a mapping of sections")
     parent = loaded.pop("extends", None)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from sdft_ray.config import DataConfig
-from sdft_ray.errors import DataError
+from sdft_ray.errors import DataError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -138,8 +138,7 @@ def read_records(source: str, split: str = "train") -> tuple[str, list[Any]]:
 
 
 def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0] if text else ''}"
+    return f"{type(e).__name__}: {first_line(e)}"
 
 
 # ---------------------------------------------------------------- normalizing

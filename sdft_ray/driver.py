@@ -110,26 +110,19 @@ def check_resources(cfg: Config, cluster: dict[str, float]) -> None:
     Without this, Ray waits for resources that will never appear and the job dies at pipeline.call_timeout_s.
     """
     t, r, te = cfg.train, cfg.rollout, cfg.teacher
-    need = {
-        "CPU": t.num_trainers * t.num_cpus,
-        "GPU": t.num_trainers * t.num_gpus,
-    }
-    parts = {"CPU": [f"train: {t.num_trainers} x {t.num_cpus}"], "GPU": [f"train: {t.num_trainers} x {t.num_gpus}"]}
+    # (role, actors, CPUs each, GPUs each), for the roles start_actors() starts
+    roles = [("train", t.num_trainers, t.num_cpus, t.num_gpus)]
     if t.algo == "sdft" or cfg.data.eval:
-        need["CPU"] += r.num_engines * r.num_cpus
-        need["GPU"] += r.num_engines * r.num_gpus
-        parts["CPU"].append(f"rollout: {r.num_engines} x {r.num_cpus}")
-        parts["GPU"].append(f"rollout: {r.num_engines} x {r.num_gpus}")
+        roles.append(("rollout", r.num_engines, r.num_cpus, r.num_gpus))
     if t.algo == "sdft" and not cfg.teacher_colocated:
-        need["CPU"] += te.num_actors * te.num_cpus
-        need["GPU"] += te.num_actors * te.num_gpus
-        parts["CPU"].append(f"teacher: {te.num_actors} x {te.num_cpus}")
-        parts["GPU"].append(f"teacher: {te.num_actors} x {te.num_gpus}")
-    for kind, amount in need.items():
+        roles.append(("teacher", te.num_actors, te.num_cpus, te.num_gpus))
+    for kind, col in (("CPU", 2), ("GPU", 3)):
+        amount = sum(role[1] * role[col] for role in roles)
         have = cluster.get(kind, 0.0)
         if amount > have + 1e-9:
+            parts = ", ".join(f"{role[0]}: {role[1]} x {role[col]}" for role in roles)
             raise ActorFailure(
-                f"the job needs {amount:g} {kind}s ({', '.join(parts[kind])}) but the Ray cluster has {have:g}; "
+                f"the job needs {amount:g} {kind}s ({parts}) but the Ray cluster has {have:g}; "
                 f"lower the num_{kind.lower()}s settings or add nodes"
             )
 

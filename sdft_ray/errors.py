@@ -6,6 +6,12 @@ They live here, free of heavy imports, so the CLI can name them without loading 
 from __future__ import annotations
 
 
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (libraries raise page-long ones), or its type if it has none."""
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
 class DataError(ValueError):
     """A dataset or record is unusable; the message names the file, the record and the field."""
 

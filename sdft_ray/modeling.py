@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from sdft_ray.config import ModelConfig
-from sdft_ray.errors import ModelError
+from sdft_ray.errors import ModelError, first_line
 
 
 def device_for(num_gpus: float) -> torch.device:
@@ -91,8 +91,9 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
     try:
         tok = AutoTokenizer.from_pretrained(name, trust_remote_code=cfg.trust_remote_code)
     except OSError as e:  # a hub id that is neither cached nor reachable: transformers' message is a page long
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelError(f"no model at {name}: not a local folder, and not loadable from the hub ({first})") from None
+        raise ModelError(
+            f"no model at {name}: not a local folder, and not loadable from the hub ({first_line(e)})"
+        ) from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
