@@ -33,6 +33,7 @@ from sdft_ray.modeling import (
     pad_floats,
     pad_right,
 )
+from sdft_ray.network import free_address, init_process_group
 from sdft_ray.weight_sync import Bucket, Meta, bucket_checksum, iter_param_buckets, model_checksum
 
 
@@ -96,6 +97,9 @@ class StudentTrainer(ActorProcess):
         torch.set_num_threads(max(1, cfg.train.torch_threads))
         _init_distributed_env(rank, world_size, master_addr, master_port)
         import deepspeed
+        from deepspeed.accelerator import get_accelerator
+
+        init_process_group(rank, world_size, master_addr, master_port, get_accelerator().communication_backend_name())
 
         torch.manual_seed(cfg.train.seed)
         self.device = device_for(cfg.train.num_gpus)
@@ -119,7 +123,7 @@ class StudentTrainer(ActorProcess):
             model_parameters=model.parameters() if optimizer is None else None,
             lr_scheduler=sched,
             config=ds_cfg,
-            dist_init_required=True,
+            dist_init_required=False,  # init_process_group above
         )
         self.gas = grad_accum_steps(cfg)
         self.version = 0
@@ -133,9 +137,7 @@ class StudentTrainer(ActorProcess):
 
     # ------------------------------------------------------------ helpers
     def free_address(self) -> tuple[str, int]:
-        from sdft_ray.driver import _free_address
-
-        return _free_address()
+        return free_address()
 
     @property
     def module(self) -> torch.nn.Module:

@@ -18,5 +18,8 @@ fi
 address="${RAY_DASHBOARD_ADDRESS:-http://127.0.0.1:8265}"
 here="$(cd "$(dirname "$0")" && pwd)"
 env_json="$(python "$here/runtime_env.py" "$here/runtime_env.yaml")"
+# The upload is what runtime_env.yaml excludes, not .gitignore: the embedded tiny/ model and data are ignored
+# by git yet needed by the job.
+export RAY_RUNTIME_ENV_IGNORE_GITIGNORE=1
 exec ray job submit --address "$address" --working-dir "$(dirname "$here")" --runtime-env-json "$env_json" \
   -- python -m sdft_ray.cli train --config "$config" "$@"

@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import socket
 import sys
 import time
 from collections import deque
@@ -27,6 +26,7 @@ from sdft_ray.ds_config import samples_per_step
 from sdft_ray.errors import ActorFailure, CheckpointError, stop_on_sigterm
 from sdft_ray.metrics import MetricsLogger
 from sdft_ray.modeling import load_tokenizer
+from sdft_ray.network import free_address, is_loopback, ray_on_loopback
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +40,12 @@ def init_ray(num_cpus: int | None = None) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"])
     else:
-        # Loopback only, no dashboard: a laptop run must not listen on the network.
-        ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1")
+        # No dashboard, and every Ray process listening on 127.0.0.1 only: a laptop run must not listen on
+        # the network.
+        ray_on_loopback()
+        ray.init(num_cpus=num_cpus, include_dashboard=False)
+        if not is_loopback(ray.util.get_node_ip_address()):
+            log.warning("sdft-ray: this Ray version listens on the network even for a local run")
     stop_on_sigterm()  # ray.init installed its own SIGTERM handler, which aborts without stopping our actors
 
 
@@ -92,16 +96,6 @@ class ActorGroup:
 
     def dead(self) -> list[int]:
         return [i for i, a in enumerate(self.actors) if _is_dead(a)]
-
-
-def _free_address() -> tuple[str, int]:
-    import ray
-
-    s = socket.socket()
-    s.bind(("", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return ray.util.get_node_ip_address(), port
 
 
 def check_resources(cfg: Config, cluster: dict[str, float]) -> None:
@@ -191,7 +185,7 @@ class SDFTDriver:
             }
 
         addr, port = ray.get(
-            ray.remote(num_cpus=0)(_free_address).options(**{**in_bundle(0), "num_cpus": 0, "num_gpus": 0}).remote()
+            ray.remote(num_cpus=0)(free_address).options(**{**in_bundle(0), "num_cpus": 0, "num_gpus": 0}).remote()
         )
         self.rollouts = None
         self.engine_load = [0] * r.num_engines

@@ -41,7 +41,10 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 def ray_cluster():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    from sdft_ray.network import ray_on_loopback
+
+    ray_on_loopback()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 

@@ -160,11 +160,11 @@ def test_call_timeout_is_an_error_not_a_hang(tiny, ray_cluster, tmp_path: Path) 
 
 def test_nonfinite_loss_skips_step_then_aborts(tiny, ray_cluster, tmp_path: Path) -> None:
     from actors.trainer import NonFiniteLossError, StudentTrainer
-    from sdft_ray.driver import _free_address
+    from sdft_ray.network import free_address
 
     over = tiny_overrides(tiny, tmp_path, train__max_bad_steps=2, loss__importance_clip=0, train__warmup_ratio=0)
     cfg = load_config(None, over)  # no warmup: HF-style warmup gives step 0 an lr of 0
-    tr = StudentTrainer(cfg.to_dict(), total_steps=10, master_port=_free_address()[1])
+    tr = StudentTrainer(cfg.to_dict(), total_steps=10, master_port=free_address()[1])
     items = [
         {
             "uid": str(i),

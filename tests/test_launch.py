@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -27,35 +28,23 @@ def _port() -> int:
 
 @pytest.fixture
 def head_node():
+    """A head started by launch/start_head.sh, as the README says, on free ports and in its own session."""
     if shutil.which("ray") is None:
         pytest.fail("the ray CLI is not on PATH (pip install 'ray[default]')")
     dash = _port()
     tmp = tempfile.mkdtemp(prefix="rl", dir="/tmp")  # short: Ray's unix socket paths have a length limit
-    cmd = [
-        "ray",
-        "start",
-        "--head",
-        "--block",
-        "--num-cpus",
-        "2",
-        "--port",
-        str(_port()),
-        "--dashboard-host",
-        "127.0.0.1",
-        "--dashboard-port",
-        str(dash),
-        "--ray-client-server-port",
-        str(_port()),
-        "--dashboard-agent-listen-port",
-        str(_port()),
-        "--metrics-export-port",
-        str(_port()),
-        "--temp-dir",
-        tmp,
-    ]
+    extra = ["--block", "--temp-dir", tmp]  # --block: the test stops exactly this cluster, not every one here
+    for flag in ("--ray-client-server-port", "--dashboard-agent-listen-port", "--metrics-export-port"):
+        extra += [flag, str(_port())]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    # --block + own session: the test can stop exactly this cluster (`ray stop` would stop every cluster here)
-    head = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    env.update(RAY_PORT=str(_port()), DASHBOARD_PORT=str(dash), NUM_CPUS="2")
+    head = subprocess.Popen(
+        [str(ROOT / "launch" / "start_head.sh"), *extra],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     address = f"http://127.0.0.1:{dash}"
     deadline = time.time() + 120
     while True:
@@ -74,7 +63,27 @@ def head_node():
     shutil.rmtree(tmp, ignore_errors=True)
 
 
-def test_ray_job_submit_runs_tiny_job(head_node: str, tiny: dict[str, str], tmp_path: Path) -> None:
+def _clone_with_tiny(tiny: dict[str, str], dest: Path) -> Path:
+    """This checkout's files (what a clone has, plus uncommitted ones) and the embedded tiny model and data
+    where `sdft-ray make-tiny --out tiny` puts them: git-ignored, yet the job needs them uploaded."""
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
+    for f in files:
+        if (ROOT / f).is_file():
+            (dest / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / f, dest / f)
+    shutil.copytree(tiny["model"], dest / "tiny" / "model")
+    (dest / "tiny" / "data").mkdir()
+    shutil.copy(tiny["train"], dest / "tiny" / "data" / "shift_train.jsonl")
+    shutil.copy(tiny["eval"], dest / "tiny" / "data" / "shift_eval.jsonl")
+    return dest
+
+
+def test_readme_cluster_flow_runs_tiny_job(head_node: str, tiny: dict[str, str], tmp_path: Path) -> None:
+    """README "GPUs and clusters": start_head.sh, submit.sh with the tiny config as shipped (its model and data
+    uploaded with the job), `ray job logs`; secrets in the shell reach no job metadata."""
+    repo = _clone_with_tiny(tiny, tmp_path / "repo")
     out = tmp_path / "run"
     env = {
         **os.environ,
@@ -85,16 +94,13 @@ def test_ray_job_submit_runs_tiny_job(head_node: str, tiny: dict[str, str], tmp_
     }
     env.pop("RAY_ADDRESS", None)
     cmd = [
-        str(ROOT / "launch" / "submit.sh"),
+        "launch/submit.sh",
         "configs/tiny_cpu.yaml",
-        f"model.path={tiny['model']}",
-        f"data.train={tiny['train']}",
-        "data.eval=",
         f"train.output_dir={out}",
         "logging.progress_bar=false",
         "train.save_every=0",
     ]
-    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    res = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=900)
     log = res.stdout + res.stderr
     assert res.returncode == 0 and "succeeded" in log, log[-4000:]
     events = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
@@ -105,15 +111,17 @@ def test_ray_job_submit_runs_tiny_job(head_node: str, tiny: dict[str, str], tmp_
     assert (out / "checkpoints" / "step-000002" / "COMPLETE").exists()
     # the secret in the submitting shell is named as not forwarded, and appears in no job metadata
     assert "not forwarding WANDB_API_KEY" in res.stderr
+    ray_env = {**env, "RAY_AUTH_MODE": "token"}  # as the README says: Ray's own commands need it
     listing = subprocess.run(
-        ["ray", "job", "list", "--address", head_node],
-        env={**env, "RAY_AUTH_MODE": "token"},  # as the README says: Ray's own commands need it
-        capture_output=True,
-        text=True,
-        timeout=120,
+        ["ray", "job", "list", "--address", head_node], env=ray_env, capture_output=True, text=True, timeout=120
     )
     assert listing.returncode == 0 and "sk-test-NOT-FOR-LOGS-7731" not in listing.stdout + listing.stderr
     assert "sk-test-NOT-FOR-LOGS-7731" not in log and "sk-test-NOT-FOR-LOGS-7731" not in str(events)
+    job_id = re.search(r"Job '([^']+)' submitted successfully", log).group(1)
+    logs = subprocess.run(
+        ["ray", "job", "logs", job_id, "--address", head_node], env=ray_env, capture_output=True, text=True, timeout=120
+    )
+    assert logs.returncode == 0 and "sdft-ray" in logs.stdout, logs.stdout[-2000:] + logs.stderr[-2000:]
 
 
 def test_actors_see_only_their_gpus_when_ray_does_not_set_them() -> None:

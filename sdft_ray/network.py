@@ -1,0 +1,63 @@
+"""Every socket sdft-ray makes something listen on, and on which address.
+
+One machine (a local run, no RAY_ADDRESS): Ray, the trainers' torch.distributed rendezvous and gloo/NCCL all
+listen on 127.0.0.1. On a cluster they listen on the node's address, which the other nodes must reach;
+README "Security" has the table. tests/test_listeners.py lists the sockets of a real run and fails on any
+other.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def ray_on_loopback() -> None:
+    """Make the next local ``ray.init`` put the node, and so every Ray listener, on 127.0.0.1.
+
+    Ray (2.60) turns ``_node_ip_address="127.0.0.1"`` into the machine's network address, and its servers then
+    listen on all interfaces. Its one-machine mode, the default on macOS and Windows, takes 127.0.0.1 as the
+    node address instead, and Ray binds to the node address when that is loopback. The mode is a constant read
+    from this variable when ray is imported, hence both lines.
+    """
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
+
+
+def free_address() -> tuple[str, int]:
+    """This node's address as Ray knows it (127.0.0.1 on one machine) and a port free on it now."""
+    import ray
+
+    host = ray.util.get_node_ip_address()
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return host, s.getsockname()[1]
+
+
+def init_process_group(rank: int, world_size: int, master_addr: str, master_port: int, backend: str) -> None:
+    """torch.distributed (what DeepSpeed runs on), its rendezvous store listening on ``master_addr`` alone.
+
+    torch's TCPStore server otherwise listens on every interface: an unauthenticated key-value store on the
+    network. Handed a socket bound to the address the other ranks dial, it listens there only.
+    """
+    import torch.distributed as dist
+
+    if is_loopback(master_addr):
+        # gloo and NCCL pick a network interface of their own for their connections; on one machine, loopback.
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
+    listen_fd = None
+    if rank == 0:
+        listen_fd = socket.create_server((master_addr, master_port)).detach()  # the store owns the fd now
+    store = dist.TCPStore(master_addr, master_port, world_size, rank == 0, master_listen_fd=listen_fd)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size)

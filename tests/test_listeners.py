@@ -1,0 +1,63 @@
+"""A local run listens on loopback only: every socket of a real `sdft-ray train` process tree, listed while it runs."""
+
+from __future__ import annotations
+
+import ipaddress
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+from conftest import tiny_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _listening(root: psutil.Process) -> set[tuple[str, str, int]]:
+    found = set()
+    try:
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return found
+    for p in procs:
+        try:
+            name = p.name()
+            for c in p.net_connections(kind="inet"):
+                if c.status == psutil.CONN_LISTEN:
+                    found.add((name, c.laddr.ip, c.laddr.port))
+        except psutil.Error:
+            continue  # exited between listing and reading
+    return found
+
+
+def _is_loopback(ip: str) -> bool:
+    addr = ipaddress.ip_address(ip)
+    mapped = getattr(addr, "ipv4_mapped", None)  # ::ffff:127.0.0.1, a dual-stack socket bound to loopback
+    return (mapped or addr).is_loopback
+
+
+def test_local_run_listens_on_loopback_only(tiny, tmp_path: Path) -> None:
+    # two trainers: the torch.distributed rendezvous and gloo connect ranks; vLLM when installed
+    over = tiny_overrides(
+        tiny, tmp_path / "run", train__num_trainers=2, train__num_cpus=0.25, rollout__backend="auto", train__steps=2
+    )
+    cmd = [sys.executable, "-m", "sdft_ray.cli", "train", "--config", "configs/tiny_cpu.yaml", *over]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    root = psutil.Process(proc.pid)
+    seen: set[tuple[str, str, int]] = set()
+    deadline = time.time() + 600
+    while proc.poll() is None and time.time() < deadline:
+        seen |= _listening(root)
+        time.sleep(0.3)
+    if proc.poll() is None:
+        proc.kill()
+    out = proc.communicate()[0]
+    assert proc.returncode == 0, out[-3000:]
+    names = {name for name, _, _ in seen}
+    # the listing saw the run itself: Ray's servers, and the trainers (their rendezvous store)
+    assert "gcs_server" in names and "raylet" in names, sorted(seen)
+    assert any("StudentTrainer" in n for n in names), sorted(seen)
+    exposed = sorted(s for s in seen if not _is_loopback(s[1]))
+    assert not exposed, f"listening beyond loopback: {exposed}"
