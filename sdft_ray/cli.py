@@ -143,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
             # a person reads the table; the same numbers are in matrix.json for scripts
             print(
                 f"{open(f'{out}/matrix.md').read()}\n{res['summary']}\nplot: {out}/matrix.png  "
-                f"(matrix.json, matrix.md, summary.txt beside it); {res['wall_s']:.0f} s"
+                f"(matrix.json, matrix.md, summary.txt beside it); {res['wall_s']:.0f} s: "
+                + ", ".join(f"{k} {v:.0f} s" for k, v in res["phases_s"].items())
             )
             return 0
         cfg = load_config(args.config, args.overrides)

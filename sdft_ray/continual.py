@@ -84,8 +84,16 @@ def run_continual(config: str | None, overrides: list[str] | None = None) -> dic
     out = Path(cfg.continual.output_dir or Path(cfg.train.output_dir) / "continual")
     tasks = [st.name for st in cfg.continual.stages]
     t0 = time.perf_counter()
+    phases: dict[str, float] = {}  # where the wall time went: scoring passes vs training stages
+
+    def timed(name: str, fn: Any, *args: Any) -> Any:
+        t = time.perf_counter()
+        result = fn(*args)
+        phases[name] = round(time.perf_counter() - t, 1)
+        return result
+
     model = cfg.model.path
-    rows, matrix = ["start"], [[_score_all(cfg, model)[t] for t in tasks]]
+    rows, matrix = ["start"], [[timed("score start", _score_all, cfg, model)[t] for t in tasks]]
     for st in cfg.continual.stages:
         if not st.train:
             continue
@@ -94,14 +102,14 @@ def run_continual(config: str | None, overrides: list[str] | None = None) -> dic
         c.data.train, c.data.eval = st.train, ""
         c.train.output_dir = str(out / st.name)
         c.train.steps = st.steps or cfg.train.steps
-        train(c)
+        timed(f"train {st.name}", train, c)
         model = str(ckpt.complete_checkpoints(c.train.output_dir)[-1] / "student")
-        scores = _score_all(cfg, model)
+        scores = timed(f"score {st.name}", _score_all, cfg, model)
         rows.append(st.name)
         matrix.append([scores[t] for t in tasks])
     wall = time.perf_counter() - t0
     settings = [o for o in overrides or [] if not o.startswith("train.overwrite=")]  # how, not what, was run
-    run = {"config": config, "config_sha256": _sha(config), "overrides": settings, "wall_s": wall}
+    run = {"config": config, "config_sha256": _sha(config), "overrides": settings, "wall_s": wall, "phases_s": phases}
     summary = write_reports(out, rows, tasks, matrix, cfg.train.algo, run)
     (out / "summary.txt").write_text(summary + "\n")
     return {
@@ -112,6 +120,7 @@ def run_continual(config: str | None, overrides: list[str] | None = None) -> dic
         "forgetting": forgetting(matrix),
         "summary": summary,
         "wall_s": wall,
+        "phases_s": phases,
     }
 
 

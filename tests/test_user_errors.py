@@ -149,3 +149,48 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one_and_resumes(tiny, 
         assert ckpt.complete_checkpoints(str(out))[-1].name == "step-000006"
     finally:
         subprocess.run(["umount", "-l", str(small)], capture_output=True)
+
+
+def test_disk_full_while_writing_the_run_log_is_one_line_and_resumable(tiny, tmp_path: Path) -> None:
+    """ENOSPC on a metrics.jsonl write (a resume onto a full disk, the red team's ~300-traceback case): one line,
+    the checkpoint and every logged line intact; once space is freed, resume=auto finishes the run."""
+    small = tmp_path / "small"
+    small.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(small)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        out = small / "run"
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        over = tiny_overrides(tiny, out, train__steps=4, train__save_every=2, train__keep_checkpoints=1)
+        cmd = [sys.executable, "-m", "sdft_ray.cli", "train", *over, "pipeline.max_staleness=0"]
+        first = subprocess.run([*cmd, "train.steps=2"], env=env, capture_output=True, text=True, timeout=600)
+        assert first.returncode == 0, first.stderr[-3000:]
+        log = out / "metrics.jsonl"
+        # end the log on a page boundary, so that its next line needs a new page (tmpfs allocates by page)
+        size = log.stat().st_size
+        pad = -(size + len('{"event": "pad", "x": ""}\n')) % 4096
+        with open(log, "a") as f:
+            f.write(json.dumps({"event": "pad", "x": "x" * pad}) + "\n")
+        assert log.stat().st_size % 4096 == 0
+        before = log.read_text()
+        with open(small / "filler", "wb") as f:  # the disk is now full
+            try:
+                while True:
+                    f.write(b"\0" * 65536)
+                    f.flush()
+            except OSError:
+                pass
+        res = subprocess.run([*cmd, "train.resume=auto"], env=env, capture_output=True, text=True, timeout=600)
+        assert res.returncode == 1, res.stderr[-3000:]  # a run failure, not a settings error (2)
+        assert "Traceback" not in res.stderr, res.stderr[-3000:]
+        assert "error: no space left on device (writing the run log)" in res.stderr and "train.resume=auto" in res.stderr, res.stderr[-3000:]
+        assert log.read_text() == before  # nothing already logged lost, no half line
+        ckpt.verify_checkpoint(ckpt.complete_checkpoints(str(out))[-1])
+        (small / "filler").unlink()
+        res = subprocess.run([*cmd, "train.resume=auto"], env=env, capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, res.stderr[-3000:]
+        steps = [json.loads(x).get("step") for x in log.read_text().splitlines() if "loss" in x]
+        assert steps == [1, 2, 3, 4]
+    finally:
+        subprocess.run(["umount", "-l", str(small)], capture_output=True)
