@@ -184,7 +184,8 @@ def test_disk_full_while_writing_the_run_log_is_one_line_and_resumable(tiny, tmp
         res = subprocess.run([*cmd, "train.resume=auto"], env=env, capture_output=True, text=True, timeout=600)
         assert res.returncode == 1, res.stderr[-3000:]  # a run failure, not a settings error (2)
         assert "Traceback" not in res.stderr, res.stderr[-3000:]
-        assert "error: no space left on device (writing the run log)" in res.stderr and "train.resume=auto" in res.stderr, res.stderr[-3000:]
+        err = res.stderr
+        assert "error: no space left on device (writing the run log)" in err and "train.resume=auto" in err, err[-3000:]
         assert log.read_text() == before  # nothing already logged lost, no half line
         ckpt.verify_checkpoint(ckpt.complete_checkpoints(str(out))[-1])
         (small / "filler").unlink()
