@@ -78,6 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     lm.add_argument("--chunk", type=int, default=256, help="loss.chunk_tokens")
     lm.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     lm.add_argument("--out", default="bench_results")
+    me = sub.add_parser("memory", help="the GPU and host memory a job needs, computed from the model's shape")
+    _job_args(me)
+    me.add_argument("--model-config", help="the model's config.json (default: model.path's)")
+    me.add_argument("--gpu-gb", type=float, default=141.0, help="memory of one GPU (H200: 141, H100: 80)")
     tg = sub.add_parser(
         "teacher-gap", help="before training: accuracy and gold log-prob, student prompt vs teacher prompt"
     )
@@ -120,6 +124,15 @@ def main(argv: list[str] | None = None) -> int:
             from sdft_ray.loss_memory import measure, report
 
             print(report(measure(args.tokens, args.chunk, args.device), args.out, args.device))
+            return 0
+        if args.cmd == "memory":
+            from transformers import AutoConfig
+
+            from sdft_ray.memory_budget import ModelShape, budget, render
+
+            cfg = load_config(args.config, args.overrides)
+            shape = ModelShape.from_hf_config(AutoConfig.from_pretrained(args.model_config or cfg.model.path))
+            print(render(shape, budget(cfg, shape, args.gpu_gb), args.gpu_gb))
             return 0
         if args.cmd == "make-tasks":
             from sdft_ray.tasks import make_tasks

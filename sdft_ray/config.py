@@ -444,6 +444,18 @@ def validate(cfg: Config) -> None:
             f"pipeline.weight_transport={cfg.weight_transport} moves CUDA tensors: set rollout.num_gpus and "
             "train.num_gpus, or use object_store on CPU",
         )
+    if cfg.weight_transport == "ipc":
+        # only trainer rank 0's CUDA memory handles are shipped, and they open only on that GPU
+        need(
+            r.num_engines == 1 and r.tensor_parallel_size == 1,
+            "pipeline.weight_transport=ipc shares trainer 0's GPU with one engine: rollout.num_engines and "
+            "rollout.tensor_parallel_size must be 1 (more engines: whole GPUs and nccl)",
+        )
+        need(
+            r.num_gpus + t.num_gpus <= 1,
+            f"pipeline.weight_transport=ipc puts the engine on trainer 0's GPU: rollout.num_gpus ({r.num_gpus:g}) + "
+            f"train.num_gpus ({t.num_gpus:g}) must be <= 1",
+        )
     if cfg.weight_transport == "nccl":
         need(
             r.num_gpus >= 1 and t.num_gpus >= 1,

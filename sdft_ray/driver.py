@@ -98,6 +98,20 @@ class ActorGroup:
         return [i for i, a in enumerate(self.actors) if _is_dead(a)]
 
 
+def trainer_bundles(cfg: Config) -> list[dict[str, float]]:
+    """The trainers' placement group: one bundle per rank.
+
+    With CUDA IPC the engine must sit on trainer 0's GPU, the only one its memory handles open on, so bundle 0
+    holds the engine too (as OpenRLHF's hybrid engine shares bundles); left to Ray, a node with several GPUs
+    may put the engine on another one.
+    """
+    t, r = cfg.train, cfg.rollout
+    bundles = [{"CPU": t.num_cpus, **({"GPU": t.num_gpus} if t.num_gpus else {})} for _ in range(t.num_trainers)]
+    if cfg.weight_transport == "ipc":
+        bundles[0] = {"CPU": t.num_cpus + r.num_cpus, "GPU": t.num_gpus + r.num_gpus}
+    return bundles
+
+
 def check_resources(cfg: Config, cluster: dict[str, float]) -> None:
     """Fail in seconds, naming the settings, when the job asks for more CPUs/GPUs than the cluster has in all.
 
@@ -169,10 +183,10 @@ class SDFTDriver:
         cfg, raw = self.cfg, self.cfg.to_dict()
         t, r, te = cfg.train, cfg.rollout, cfg.teacher
         env = actor_runtime_env(t.torch_threads)
-        bundle = {"CPU": t.num_cpus, **({"GPU": t.num_gpus} if t.num_gpus else {})}
         check_resources(cfg, ray.cluster_resources())
-        self.trainer_pg = placement_group([bundle] * t.num_trainers, strategy="PACK")
-        self._get(self.trainer_pg.ready(), f"placing {t.num_trainers} trainer(s) of {bundle}")
+        bundles = trainer_bundles(cfg)
+        self.trainer_pg = placement_group(bundles, strategy="PACK")
+        self._get(self.trainer_pg.ready(), f"placing {t.num_trainers} trainer(s) in {bundles}")
 
         def in_bundle(i: int) -> dict[str, Any]:
             return {
@@ -191,6 +205,8 @@ class SDFTDriver:
         self.engine_load = [0] * r.num_engines
         if t.algo == "sdft" or cfg.data.eval:
             opts = {"num_cpus": r.num_cpus, "num_gpus": r.num_gpus, "runtime_env": env}
+            if cfg.weight_transport == "ipc":  # on trainer 0's GPU (see trainer_bundles), restarts included
+                opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(self.trainer_pg, 0)
             self.rollouts = ActorGroup(RolloutWorker, opts, (raw,), [(i,) for i in range(r.num_engines)])
             self.rollouts.start(r.num_engines)
             if cfg.weight_transport == "ipc":

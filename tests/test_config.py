@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -98,3 +99,26 @@ def test_extends_reads_the_parent_then_overrides(tmp_path: Path) -> None:
     official = load_config("configs/single_h200_official_shape.yaml")
     assert (official.train.batch_size, official.rollout.num_rollouts) == (4, 8)  # 32 samples, as the paper's 32 x 1
     assert official.model.path == load_config("configs/single_h200.yaml").model.path
+
+
+def test_ipc_engine_shares_trainer_zeros_gpu_bundle() -> None:
+    """Review §9: only trainer 0's CUDA IPC handles are shipped, so the engine is placed in trainer 0's bundle and
+    layouts the handles cannot serve are refused up front."""
+    from sdft_ray.driver import trainer_bundles
+
+    h200 = load_config("configs/single_h200.yaml")
+    assert h200.weight_transport == "ipc"
+    assert trainer_bundles(h200) == [{"CPU": 10, "GPU": 1.0}]  # trainer 0.6 GPU + 8 CPU, engine 0.4 + 2
+    two = load_config("configs/single_h200.yaml", ["train.num_trainers=2", "train.batch_size=32"])
+    assert trainer_bundles(two)[1] == {"CPU": 8, "GPU": 0.6}  # rank 1 alone
+    for bad, needle in [
+        ("rollout.num_engines=2", "rollout.num_engines and rollout.tensor_parallel_size must be 1"),
+        ("rollout.tensor_parallel_size=2", "rollout.num_engines and rollout.tensor_parallel_size must be 1"),
+        ("rollout.num_gpus=0.5", "rollout.num_gpus (0.5) + train.num_gpus (0.6) must be <= 1"),
+    ]:
+        with pytest.raises(ConfigError, match=re.escape(needle)):
+            load_config("configs/single_h200.yaml", [bad])
+    nccl = load_config("configs/multi_node.yaml")
+    assert nccl.weight_transport == "nccl" and all(
+        b == {"CPU": nccl.train.num_cpus, "GPU": 1} for b in trainer_bundles(nccl)
+    )

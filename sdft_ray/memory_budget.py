@@ -1,0 +1,178 @@
+"""The memory a job needs, computed from the model's shape and the config: GPU per role and host RAM.
+
+What each line counts follows the DeepSpeed 0.19 and vLLM 0.24 sources (../shared/reviews/gpu-paths.md §11):
+ZeRO-Offload keeps the fp32 master, Adam moments, an fp32 gradient partition and pinned 16-bit buffers on the
+host; its GPU side is two reduce buckets and a staging buffer the size of the largest parameter. Activations and
+the loss are estimates (gradient checkpointing keeps one input per layer; the chunked loss keeps one chunk of
+logits). Not yet compared with a GPU measurement: launch/gpu_proof.py records the peaks to compare with.
+
+    sdft-ray memory --config configs/single_h200.yaml [--model-config path/to/config.json] [--gpu-gb 141]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from sdft_ray.config import Config
+from sdft_ray.ds_config import grad_accum_steps
+
+GB = 1e9
+REDUCE_BUCKET = int(5e8)  # ds_config.deepspeed_config: reduce_bucket_size (elements)
+
+
+@dataclass
+class ModelShape:
+    params: int
+    largest_param: int
+    vocab: int
+    hidden: int
+    intermediate: int
+    layers: int
+    kv_bytes_per_token: int  # K and V of every layer, 16-bit
+
+    @classmethod
+    def from_hf_config(cls, hf_config: Any) -> ModelShape:
+        """Exact parameter counts from the architecture, built on the meta device (no weights, no memory)."""
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(hf_config)
+        sizes = [p.numel() for p in model.parameters()]
+        c = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+        heads = c.num_attention_heads
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
+        kv_heads = getattr(c, "num_key_value_heads", None) or heads
+        return cls(
+            params=sum(sizes),
+            largest_param=max(sizes),
+            vocab=c.vocab_size,
+            hidden=c.hidden_size,
+            intermediate=getattr(c, "intermediate_size", None) or 4 * c.hidden_size,
+            layers=c.num_hidden_layers,
+            kv_bytes_per_token=2 * c.num_hidden_layers * kv_heads * head_dim * 2,
+        )
+
+
+@dataclass
+class Line:
+    where: str  # "GPU trainer", "GPU vLLM", "host"
+    what: str
+    bytes: float
+    when: str = "steady"  # steady | start-up | asleep
+
+
+def _bytes(dtype: str) -> int:
+    return 2 if dtype in ("bfloat16", "float16", "auto") else 4
+
+
+def budget(cfg: Config, shape: ModelShape, gpu_gb: float = 141.0) -> list[Line]:
+    """Every line of the budget for one trainer rank's GPU, the engine's share of the GPU, and the host."""
+    t, r, te, lo = cfg.train, cfg.rollout, cfg.teacher, cfg.loss
+    on_gpu = t.num_gpus > 0
+    w = _bytes(cfg.model.dtype) if on_gpu else 4  # the trainer runs fp32 on CPU
+    n, p = t.num_trainers, shape.params
+    shard = p / n if t.zero_stage >= 1 else p
+    tokens = t.micro_batch_size * (cfg.data.max_prompt_length + r.max_new_tokens)
+    dev = "GPU trainer" if on_gpu else "host"
+    lines = [
+        Line(
+            dev,
+            f"student weights ({'ZeRO-3 shard' if t.zero_stage == 3 else 'full'})",
+            w * (shard if t.zero_stage == 3 else p),
+        )
+    ]
+    if t.offload_optimizer:
+        lines.append(
+            Line(
+                dev,
+                "grads: 2 reduce buckets + staging buffer of the largest parameter",
+                w * (2 * REDUCE_BUCKET + shape.largest_param),
+            )
+        )
+        lines += [
+            Line("host", "fp32 master + Adam m, v (ZeRO-Offload shard)", 12 * shard),
+            Line("host", "fp32 gradient partition (pinned)", 4 * shard),
+            Line("host", "16-bit parameter buffer (pinned)", w * shard),
+        ]
+        if grad_accum_steps(cfg) > 1:
+            lines.append(
+                Line("host", f"16-bit gradient accumulator (pinned; {grad_accum_steps(cfg)} micro-steps)", w * shard)
+            )
+    else:
+        grads = w * (shard if t.zero_stage >= 2 else p)
+        lines.append(Line(dev, "grads" + (" (ZeRO-2/3 shard)" if t.zero_stage >= 2 else ""), grads))
+        lines.append(Line(dev, "fp32 master + Adam m, v" + (" (ZeRO shard)" if t.zero_stage >= 1 else ""), 12 * shard))
+    if t.algo == "sdft" and te.kind == "ema" and cfg.teacher_colocated:
+        lines.append(Line(dev, "EMA teacher weights", w * p))
+        if w < 4 and te.ema_master != "off":  # auto: on the teacher's device
+            lines.append(Line("host" if te.ema_master == "cpu" else dev, "EMA teacher fp32 master", 4 * p))
+    act = shape.layers * tokens * shape.hidden * w if cfg.model.gradient_checkpointing else 0
+    if act:
+        lines.append(Line(dev, f"activations: one input per layer ({tokens} tokens, gradient checkpointing)", act))
+        recompute = tokens * (4 * shape.hidden + 3 * shape.intermediate) * w
+        lines.append(Line(dev, "activations: one layer recomputed in the backward pass", recompute))
+    chunk = lo.chunk_tokens or tokens
+    lines.append(
+        Line(
+            dev,
+            f"loss: {min(chunk, tokens)}-token chunk of {shape.vocab}-vocab logits (fp32, ~6 tensors) + head grad",
+            6 * 4 * min(chunk, tokens) * shape.vocab + 4 * shape.vocab * shape.hidden,
+        )
+    )
+    if cfg.weight_transport in ("ipc", "nccl"):
+        lines.append(Line(dev, "weight-sync bucket + its packed copy", 2 * cfg.pipeline.sync_bucket_mb * 2**20))
+    lines.append(Line("host", "student + teacher loaded on CPU before moving to the GPU", 2 * w * p, "start-up"))
+    if r.backend == "vllm" and r.num_gpus:
+        weights = w * p / r.tensor_parallel_size
+        if r.kv_cache_memory_gb:
+            kv, how = r.kv_cache_memory_gb * 2**30, f"kv_cache_memory_gb {r.kv_cache_memory_gb:g}"
+            engine = weights + kv + 2 * GB  # + CUDA context, activations of the profile run
+        else:
+            engine = r.gpu_memory_utilization * gpu_gb * GB
+            kv, how = engine - weights - 2 * GB, f"gpu_memory_utilization {r.gpu_memory_utilization:g} x {gpu_gb:g} GB"
+        tokens_kv = int(kv / (shape.kv_bytes_per_token / r.tensor_parallel_size))
+        lines.append(Line("GPU vLLM", f"{how}: weights + KV cache for ~{tokens_kv:,} tokens", engine))
+        if r.enable_sleep_mode:
+            lines.append(Line("GPU vLLM", "asleep (level 2): CUDA context and graph pool", 2 * GB, "asleep"))
+    return lines
+
+
+def summary(lines: list[Line]) -> dict[str, float]:
+    """GB totals: trainer GPU, vLLM GPU, their sum on a shared GPU, host steady and at start-up."""
+
+    def total(where: str, when: str = "steady") -> float:
+        return sum(x.bytes for x in lines if x.where == where and x.when == when) / GB
+
+    trainer, engine, host = total("GPU trainer"), total("GPU vLLM"), total("host")
+    return {
+        "gpu_trainer_gb": trainer,
+        "gpu_vllm_gb": engine,
+        "gpu_shared_peak_gb": trainer + engine,
+        "host_steady_gb": host,
+        "host_start_gb": host + total("host", "start-up"),
+    }
+
+
+def render(shape: ModelShape, lines: list[Line], gpu_gb: float) -> str:
+    out = [
+        f"model: {shape.params / 1e9:.2f} B parameters, vocab {shape.vocab}, hidden {shape.hidden}, "
+        f"{shape.layers} layers",
+        "",
+        "| where | what | GB | when |",
+        "|---|---|---|---|",
+    ]
+    order = {"GPU trainer": 0, "GPU vLLM": 1, "host": 2}
+    out += [
+        f"| {x.where} | {x.what} | {x.bytes / GB:.1f} | {x.when} |" for x in sorted(lines, key=lambda x: order[x.where])
+    ]
+    s = summary(lines)
+    out += [
+        "",
+        f"GPU, one trainer rank: {s['gpu_trainer_gb']:.0f} GB; vLLM: {s['gpu_vllm_gb']:.0f} GB; "
+        f"on one shared GPU: {s['gpu_shared_peak_gb']:.0f} of {gpu_gb:g} GB",
+        f"host RAM: {s['host_steady_gb']:.0f} GB steady, {s['host_start_gb']:.0f} GB at start-up "
+        "(plus Ray's object store and the processes themselves)",
+    ]
+    return "\n".join(out)

@@ -1,0 +1,75 @@
+"""The computed memory budget: exact parameter counts from the architecture, the review's hand-derived totals for
+Qwen2.5-7B on one H200 (../shared/reviews/gpu-paths.md §11), and the shipped configs' comments kept equal to it."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from transformers import AutoConfig, Qwen2Config
+
+from sdft_ray.config import load_config
+from sdft_ray.memory_budget import ModelShape, budget, summary
+
+QWEN25_7B = Qwen2Config(
+    hidden_size=3584,
+    intermediate_size=18944,
+    num_attention_heads=28,
+    num_hidden_layers=28,
+    num_key_value_heads=4,
+    vocab_size=152064,
+    tie_word_embeddings=False,
+)
+
+
+@pytest.fixture(scope="module")
+def qwen() -> ModelShape:
+    return ModelShape.from_hf_config(QWEN25_7B)
+
+
+def test_shape_is_counted_from_the_architecture(qwen: ModelShape) -> None:
+    # embeddings and head 2 x 152064 x 3584; per layer q,o 3584^2, k,v 3584 x 512 (+ biases), MLP 3 x 3584 x 18944
+    per_layer = 2 * 3584 * 3584 + 2 * 3584 * 512 + (3584 + 2 * 512) + 3 * 3584 * 18944 + 2 * 3584
+    assert qwen.params == 2 * 152064 * 3584 + 28 * per_layer + 3584
+    assert qwen.largest_param == 152064 * 3584
+    assert qwen.kv_bytes_per_token == 2 * 28 * 4 * 128 * 2  # K and V, 28 layers, 4 KV heads of 128, bf16
+
+
+def test_single_h200_matches_the_review_and_fits(qwen: ModelShape) -> None:
+    s = summary(budget(load_config("configs/single_h200.yaml"), qwen, gpu_gb=141))
+    # review §11 by hand: fp32 master + Adam 91.5 + fp32 grads 30.5 + 16-bit buffer 15.2 + accumulator 15.2
+    assert s["host_steady_gb"] == pytest.approx(152.3, abs=0.5)
+    assert s["gpu_shared_peak_gb"] < 141  # trainer + engine on the one GPU
+    no_accum = load_config("configs/single_h200.yaml", ["train.micro_batch_size=32"])
+    assert summary(budget(no_accum, qwen))["host_steady_gb"] == pytest.approx(s["host_steady_gb"] - 15.2, abs=0.1)
+
+
+def test_zero3_shards_weights_and_optimizer_across_ranks(qwen: ModelShape) -> None:
+    cfg = load_config("configs/multi_node.yaml")
+    lines = {x.what: x.bytes for x in budget(cfg, qwen)}
+    n = cfg.train.num_trainers
+    assert lines["student weights (ZeRO-3 shard)"] == pytest.approx(2 * qwen.params / n)
+    key = next(k for k in lines if k.startswith("fp32 master + Adam"))
+    assert lines[key] == pytest.approx(12 * qwen.params / n)
+
+
+def test_config_comment_is_the_computed_budget(qwen: ModelShape) -> None:
+    text = Path("configs/single_h200.yaml").read_text()
+    s = summary(budget(load_config("configs/single_h200.yaml"), qwen, gpu_gb=141))
+    gpu = re.search(r"= (\d+) of 141 GB", text)
+    host = re.search(r"HOST\s+(\d+) GB steady", text)
+    start = re.search(r"(\d+) GB at start-up", text)
+    assert gpu and host and start, "the budget lines in configs/single_h200.yaml changed shape"
+    assert int(gpu.group(1)) == round(s["gpu_shared_peak_gb"])
+    assert int(host.group(1)) == round(s["host_steady_gb"])
+    assert int(start.group(1)) == round(s["host_start_gb"])
+
+
+def test_memory_command_reads_the_models_own_config(tiny, capsys) -> None:
+    from sdft_ray.cli import main
+
+    assert main(["memory", "--config", "configs/tiny_cpu.yaml", f"model.path={tiny['model']}"]) == 0
+    out = capsys.readouterr().out
+    shape = ModelShape.from_hf_config(AutoConfig.from_pretrained(tiny["model"]))
+    assert f"model: {shape.params / 1e9:.2f} B parameters" in out and "| host | student weights (full) |" in out
