@@ -108,9 +108,9 @@ def test_ipc_engine_shares_trainer_zeros_gpu_bundle() -> None:
 
     h200 = load_config("configs/single_h200.yaml")
     assert h200.weight_transport == "ipc"
-    assert trainer_bundles(h200) == [{"CPU": 10, "GPU": 1.0}]  # trainer 0.6 GPU + 8 CPU, engine 0.4 + 2
+    assert trainer_bundles(h200) == [{"CPU": 18, "GPU": 1.0}]  # trainer 0.6 GPU + 16 CPU, engine 0.4 + 2
     two = load_config("configs/single_h200.yaml", ["train.num_trainers=2", "train.batch_size=32"])
-    assert trainer_bundles(two)[1] == {"CPU": 8, "GPU": 0.6}  # rank 1 alone
+    assert trainer_bundles(two)[1] == {"CPU": 16, "GPU": 0.6}  # rank 1 alone
     for bad, needle in [
         ("rollout.num_engines=2", "rollout.num_engines and rollout.tensor_parallel_size must be 1"),
         ("rollout.tensor_parallel_size=2", "rollout.num_engines and rollout.tensor_parallel_size must be 1"),
