@@ -60,7 +60,12 @@ class MetricsLogger:
         self.file.write(json.dumps(row) + "\n")
         if self.wandb is not None:
             self.wandb.log(row, step=step)
-        shown = {k: f"{metrics[k]:.4g}" for k in ("loss", "kl", "tokens_per_s", "lag_mean") if k in metrics}
+        # SFT has no KL (nan): show only what the run has
+        shown = {
+            k: f"{metrics[k]:.4g}"
+            for k in ("loss", "kl", "tokens_per_s", "lag_mean")
+            if k in metrics and math.isfinite(metrics[k])
+        }
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(shown)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -122,3 +123,18 @@ def test_ipc_engine_shares_trainer_zeros_gpu_bundle() -> None:
     assert nccl.weight_transport == "nccl" and all(
         b == {"CPU": nccl.train.num_cpus, "GPU": 1} for b in trainer_bundles(nccl)
     )
+
+
+def test_progress_lines_show_only_what_the_run_has(tmp_path: Path, capsys) -> None:
+    """Job logs get plain progress lines; SFT has no KL, so no `kl=nan` in them."""
+    from sdft_ray.metrics import MetricsLogger
+
+    cfg = load_config(None, [*REQ, f"train.output_dir={tmp_path}", "logging.wandb=disabled"])
+    logger = MetricsLogger(cfg, total_steps=2)
+    logger.log(1, {"loss": 1.5, "kl": float("nan"), "tokens_per_s": 10.0})
+    logger.log(2, {"loss": 1.25, "kl": 0.5, "tokens_per_s": 10.0})
+    logger.close()
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == ["step 1/2 loss=1.5 tokens_per_s=10", "step 2/2 loss=1.25 kl=0.5 tokens_per_s=10"]
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
