@@ -210,6 +210,15 @@ class Config:
         return self.teacher.placement == "colocated"
 
     @property
+    def runs_rollout_engines(self) -> bool:
+        """SDFT samples from the engines; SFT needs them only to score an eval set."""
+        return self.train.algo == "sdft" or bool(self.data.eval)
+
+    @property
+    def runs_teacher_actors(self) -> bool:
+        return self.train.algo == "sdft" and not self.teacher_colocated
+
+    @property
     def importance_weighted(self) -> bool:
         """The rollout-vs-trainer importance weight is on: clip > 0 and sampling from the student's own prompt.
 

@@ -107,7 +107,7 @@ def trainer_bundles(cfg: Config) -> list[dict[str, float]]:
     """
     t, r = cfg.train, cfg.rollout
     bundles = [{"CPU": t.num_cpus, **({"GPU": t.num_gpus} if t.num_gpus else {})} for _ in range(t.num_trainers)]
-    if cfg.weight_transport == "ipc":
+    if cfg.weight_transport == "ipc" and cfg.runs_rollout_engines:
         bundles[0] = {"CPU": t.num_cpus + r.num_cpus, "GPU": t.num_gpus + r.num_gpus}
     return bundles
 
@@ -120,9 +120,9 @@ def check_resources(cfg: Config, cluster: dict[str, float]) -> None:
     t, r, te = cfg.train, cfg.rollout, cfg.teacher
     # (role, actors, CPUs each, GPUs each), for the roles start_actors() starts
     roles = [("train", t.num_trainers, t.num_cpus, t.num_gpus)]
-    if t.algo == "sdft" or cfg.data.eval:
+    if cfg.runs_rollout_engines:
         roles.append(("rollout", r.num_engines, r.num_cpus, r.num_gpus))
-    if t.algo == "sdft" and not cfg.teacher_colocated:
+    if cfg.runs_teacher_actors:
         roles.append(("teacher", te.num_actors, te.num_cpus, te.num_gpus))
     for kind, col in (("CPU", 2), ("GPU", 3)):
         amount = sum(role[1] * role[col] for role in roles)
@@ -203,7 +203,7 @@ class SDFTDriver:
         )
         self.rollouts = None
         self.engine_load = [0] * r.num_engines
-        if t.algo == "sdft" or cfg.data.eval:
+        if cfg.runs_rollout_engines:
             opts = {"num_cpus": r.num_cpus, "num_gpus": r.num_gpus, "runtime_env": env}
             if cfg.weight_transport == "ipc":  # on trainer 0's GPU (see trainer_bundles), restarts included
                 opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(self.trainer_pg, 0)
@@ -220,7 +220,7 @@ class SDFTDriver:
             for i in range(t.num_trainers)
         ]
         self.teachers = None
-        if t.algo == "sdft" and not cfg.teacher_colocated:
+        if cfg.runs_teacher_actors:
             opts = {"num_cpus": te.num_cpus, "num_gpus": te.num_gpus, "runtime_env": env}
             self.teachers = ActorGroup(TeacherWorker, opts, (raw,)).start(te.num_actors)
         # surface constructor errors (bad model path, DeepSpeed init) now, with the role named
