@@ -10,6 +10,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
@@ -122,14 +124,22 @@ def test_signal_stops_cleanly_keeping_the_last_checkpoint(tiny, tmp_path: Path, 
     assert not alive, [psutil.Process(p).cmdline()[:3] for p in alive]
 
 
-def test_disk_full_during_a_checkpoint_keeps_the_previous_one_and_resumes(tiny, tmp_path: Path) -> None:
-    """ENOSPC while writing a checkpoint: one clear line, the previous checkpoint intact, then resume=auto works."""
-    small = tmp_path / "small"
-    small.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=5m", "tmpfs", str(small)], capture_output=True)
+@contextmanager
+def _small_disk(path: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` at ``path``: a disk that really fills (the test is skipped where mounting is not allowed)."""
+    path.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
     try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def test_disk_full_during_a_checkpoint_keeps_the_previous_one_and_resumes(tiny, tmp_path: Path) -> None:
+    """ENOSPC while writing a checkpoint: one clear line, the previous checkpoint intact, then resume=auto works."""
+    with _small_disk(tmp_path / "small", "5m") as small:
         out = small / "run"
         over = tiny_overrides(tiny, out, train__steps=6, train__save_every=2, train__keep_checkpoints=1)
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
@@ -147,19 +157,12 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one_and_resumes(tiny, 
         res = subprocess.run([*cmd, "train.resume=auto"], env=env, capture_output=True, text=True, timeout=600)
         assert res.returncode == 0, res.stderr[-3000:]
         assert ckpt.complete_checkpoints(str(out))[-1].name == "step-000006"
-    finally:
-        subprocess.run(["umount", "-l", str(small)], capture_output=True)
 
 
 def test_disk_full_while_writing_the_run_log_is_one_line_and_resumable(tiny, tmp_path: Path) -> None:
     """ENOSPC on a metrics.jsonl write (a resume onto a full disk, the red team's ~300-traceback case): one line,
     the checkpoint and every logged line intact; once space is freed, resume=auto finishes the run."""
-    small = tmp_path / "small"
-    small.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(small)], capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
-    try:
+    with _small_disk(tmp_path / "small", "8m") as small:
         out = small / "run"
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
         over = tiny_overrides(tiny, out, train__steps=4, train__save_every=2, train__keep_checkpoints=1)
@@ -193,5 +196,3 @@ def test_disk_full_while_writing_the_run_log_is_one_line_and_resumable(tiny, tmp
         assert res.returncode == 0, res.stderr[-3000:]
         steps = [json.loads(x).get("step") for x in log.read_text().splitlines() if "loss" in x]
         assert steps == [1, 2, 3, 4]
-    finally:
-        subprocess.run(["umount", "-l", str(small)], capture_output=True)
