@@ -51,6 +51,10 @@ def test_continual_cli_writes_matrix_plot_and_summary(tiny, ray_cluster, tmp_pat
     assert "stage(s) trained" in (out / "summary.txt").read_text()
     # each stage started from the previous stage's weights
     assert (out / "reverse" / "checkpoints").is_dir()
+    # the wall time is the scoring passes and the stages, each once (the start was once scored once per task)
+    phases = m["phases_s"]
+    assert list(phases) == ["score start", "train shift", "score shift", "train reverse", "score reverse"]
+    assert m["wall_s"] - sum(phases.values()) < 0.5 * phases["score start"], (m["wall_s"], phases)
 
 
 def test_compare_methods_runs_each_method_and_seed(tiny, ray_cluster, tmp_path: Path) -> None:
