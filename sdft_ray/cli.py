@@ -23,6 +23,7 @@ from sdft_ray.errors import (
     NonFiniteLossError,
     Stopped,
     WeightSyncError,
+    first_line,
     stop_on_sigterm,
 )
 from sdft_ray.evaluate import SCORERS
@@ -131,7 +132,17 @@ def main(argv: list[str] | None = None) -> int:
             from sdft_ray.memory_budget import ModelShape, budget, render
 
             cfg = load_config(args.config, args.overrides)
-            shape = ModelShape.from_hf_config(AutoConfig.from_pretrained(args.model_config or cfg.model.path))
+            source = args.model_config or cfg.model.path
+            try:
+                hf_config = AutoConfig.from_pretrained(source)
+            except (OSError, ValueError) as e:
+                print(
+                    f"error: cannot read the model's config from {source} ({first_line(e)}); "
+                    "pass --model-config path/to/config.json",
+                    file=sys.stderr,
+                )
+                return 2
+            shape = ModelShape.from_hf_config(hf_config)
             print(render(shape, budget(cfg, shape, args.gpu_gb), args.gpu_gb))
             return 0
         if args.cmd == "make-tasks":

@@ -73,3 +73,12 @@ def test_memory_command_reads_the_models_own_config(tiny, capsys) -> None:
     out = capsys.readouterr().out
     shape = ModelShape.from_hf_config(AutoConfig.from_pretrained(tiny["model"]))
     assert f"model: {shape.params / 1e9:.2f} B parameters" in out and "| host | student weights (full) |" in out
+
+
+def test_memory_command_without_a_readable_config_is_one_line(tmp_path: Path, capsys) -> None:
+    from sdft_ray.cli import main
+
+    missing = tmp_path / "no-model"
+    assert main(["memory", "--config", "configs/tiny_cpu.yaml", "--model-config", str(missing)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: cannot read the model's config from {missing}") and "\n" not in err
