@@ -103,10 +103,12 @@ def budget(cfg: Config, shape: ModelShape, gpu_gb: float = 141.0) -> list[Line]:
     else:
         grads = w * (shard if t.zero_stage >= 2 else p)
         lines.append(Line(dev, "grads" + (" (ZeRO-2/3 shard)" if t.zero_stage >= 2 else ""), grads))
-        lines.append(Line(dev, "fp32 master + Adam m, v" + (" (ZeRO shard)" if t.zero_stage >= 1 else ""), 12 * shard))
-    if t.algo == "sdft" and te.kind == "ema" and cfg.teacher_colocated:
-        lines.append(Line(dev, "EMA teacher weights", w * p))
-        if w < 4 and te.ema_master != "off":  # auto: on the teacher's device
+        # 16-bit training keeps an fp32 master; fp32 training steps its own weights
+        what, per = ("fp32 master + Adam m, v", 12) if w < 4 else ("Adam m, v", 8)
+        lines.append(Line(dev, what + (" (ZeRO shard)" if t.zero_stage >= 1 else ""), per * shard))
+    if t.algo == "sdft" and cfg.teacher_colocated and te.kind in ("ema", "frozen"):  # "student": no copy
+        lines.append(Line(dev, f"{te.kind.upper() if te.kind == 'ema' else te.kind} teacher weights", w * p))
+        if te.kind == "ema" and w < 4 and te.ema_master != "off":  # auto: on the teacher's device
             lines.append(Line("host" if te.ema_master == "cpu" else dev, "EMA teacher fp32 master", 4 * p))
     act = shape.layers * tokens * shape.hidden * w if cfg.model.gradient_checkpointing else 0
     if act:
@@ -123,7 +125,8 @@ def budget(cfg: Config, shape: ModelShape, gpu_gb: float = 141.0) -> list[Line]:
     )
     if cfg.weight_transport in ("ipc", "nccl"):
         lines.append(Line(dev, "weight-sync bucket + its packed copy", 2 * cfg.pipeline.sync_bucket_mb * 2**20))
-    lines.append(Line("host", "student + teacher loaded on CPU before moving to the GPU", 2 * w * p, "start-up"))
+    if on_gpu:
+        lines.append(Line("host", "student + teacher loaded on CPU before moving to the GPU", 2 * w * p, "start-up"))
     if r.backend == "vllm" and r.num_gpus:
         weights = w * p / r.tensor_parallel_size
         if r.kv_cache_memory_gb:

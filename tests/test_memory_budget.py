@@ -82,3 +82,12 @@ def test_memory_command_without_a_readable_config_is_one_line(tmp_path: Path, ca
     assert main(["memory", "--config", "configs/tiny_cpu.yaml", "--model-config", str(missing)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: cannot read the model's config from {missing}") and "\n" not in err
+
+
+def test_cpu_fp32_run_has_no_separate_master_and_no_gpu_lines(qwen: ModelShape) -> None:
+    cfg = load_config("configs/tiny_cpu.yaml")  # fp32 on CPU, ZeRO 0, EMA teacher
+    lines = budget(cfg, qwen)
+    assert all(x.where == "host" and x.when == "steady" for x in lines)
+    by = {x.what: x.bytes for x in lines}
+    assert by["Adam m, v"] == 8 * qwen.params and by["EMA teacher weights"] == 4 * qwen.params
+    assert "EMA teacher fp32 master" not in by  # fp32 weights are their own master
