@@ -7,6 +7,8 @@ from typing import Any
 
 from sdft_ray.config import Config
 
+REDUCE_BUCKET = int(5e8)  # elements per ZeRO reduce bucket (sdft-ray memory counts two of them)
+
 
 def samples_per_step(cfg: Config) -> int:
     """Sequences per optimizer step, all trainer ranks together."""
@@ -23,7 +25,7 @@ def deepspeed_config(cfg: Config, bf16: bool) -> dict[str, Any]:
         "stage": t.zero_stage,
         "overlap_comm": True,
         "contiguous_gradients": True,
-        "reduce_bucket_size": int(5e8),
+        "reduce_bucket_size": REDUCE_BUCKET,
     }
     if t.zero_stage == 3:
         zero.update(

@@ -14,11 +14,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from sdft_ray.config import Config
-from sdft_ray.ds_config import grad_accum_steps
+from sdft_ray.ds_config import REDUCE_BUCKET, grad_accum_steps
+from sdft_ray.modeling import resolve_dtype
 
 GB = 1e9
-REDUCE_BUCKET = int(5e8)  # ds_config.deepspeed_config: reduce_bucket_size (elements)
 
 
 @dataclass
@@ -34,7 +36,6 @@ class ModelShape:
     @classmethod
     def from_hf_config(cls, hf_config: Any) -> ModelShape:
         """Exact parameter counts from the architecture, built on the meta device (no weights, no memory)."""
-        import torch
         from transformers import AutoModelForCausalLM
 
         with torch.device("meta"):
@@ -63,15 +64,11 @@ class Line:
     when: str = "steady"  # steady | start-up | asleep
 
 
-def _bytes(dtype: str) -> int:
-    return 2 if dtype in ("bfloat16", "float16", "auto") else 4
-
-
 def budget(cfg: Config, shape: ModelShape, gpu_gb: float = 141.0) -> list[Line]:
     """Every line of the budget for one trainer rank's GPU, the engine's share of the GPU, and the host."""
     t, r, te, lo = cfg.train, cfg.rollout, cfg.teacher, cfg.loss
     on_gpu = t.num_gpus > 0
-    w = _bytes(cfg.model.dtype) if on_gpu else 4  # the trainer runs fp32 on CPU
+    w = resolve_dtype(cfg.model.dtype, torch.device("cuda" if on_gpu else "cpu")).itemsize  # as the trainer loads
     n, p = t.num_trainers, shape.params
     shard = p / n if t.zero_stage >= 1 else p
     tokens = t.micro_batch_size * (cfg.data.max_prompt_length + r.max_new_tokens)

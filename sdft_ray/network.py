@@ -14,10 +14,12 @@ import socket
 
 
 def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1, or a dual-stack socket's ::ffff:127.x (which Python 3.11 does not count as loopback)."""
     try:
-        return ipaddress.ip_address(host).is_loopback
+        addr = ipaddress.ip_address(host)
     except ValueError:
         return host == "localhost"
+    return (getattr(addr, "ipv4_mapped", None) or addr).is_loopback
 
 
 def ray_on_loopback() -> None:

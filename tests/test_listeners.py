@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import subprocess
 import sys
 import time
@@ -10,6 +9,8 @@ from pathlib import Path
 
 import psutil
 from conftest import tiny_overrides
+
+from sdft_ray.network import is_loopback
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,12 +30,6 @@ def _listening(root: psutil.Process) -> set[tuple[str, str, int]]:
         except psutil.Error:
             continue  # exited between listing and reading
     return found
-
-
-def _is_loopback(ip: str) -> bool:
-    addr = ipaddress.ip_address(ip)
-    mapped = getattr(addr, "ipv4_mapped", None)  # ::ffff:127.0.0.1, a dual-stack socket bound to loopback
-    return (mapped or addr).is_loopback
 
 
 def test_local_run_listens_on_loopback_only(tiny, tmp_path: Path) -> None:
@@ -58,5 +53,5 @@ def test_local_run_listens_on_loopback_only(tiny, tmp_path: Path) -> None:
     # the listing saw the run itself: Ray's servers, and the trainers (their rendezvous store)
     assert "gcs_server" in names and "raylet" in names, sorted(seen)
     assert any("StudentTrainer" in n for n in names), sorted(seen)
-    exposed = sorted(s for s in seen if not _is_loopback(s[1]))
+    exposed = sorted(s for s in seen if not is_loopback(s[1]))
     assert not exposed, f"listening beyond loopback: {exposed}"
