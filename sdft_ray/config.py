@@ -121,6 +121,9 @@ class TrainConfig:
     num_gpus: float = 0.0
     torch_threads: int = 1
     zero_stage: int = 0
+    # run a prompt prefix shared by a whole micro-batch (system prompt, tool list) once, for student and teacher;
+    # same values and gradients. Off under ZeRO-3 and gradient checkpointing, which need one decoder call
+    share_prompt_prefix: bool = True
     offload_optimizer: bool = False
     save_every: int = 0  # 0 = only at the end
     keep_checkpoints: int = 2

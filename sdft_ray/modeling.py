@@ -145,19 +145,69 @@ def pad_right(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tens
     return ids, mask
 
 
+# Below this many shared tokens a second decoder call costs more than it saves.
+MIN_SHARED_PREFIX = 16
+
+
+def shared_prefix_len(prompts: list[list[int]]) -> int:
+    """Tokens every prompt starts with, leaving each at least one of its own (it predicts the first completion
+    token, so its hidden state must come from the per-sequence pass)."""
+    n = 0
+    for column in zip(*prompts, strict=False):
+        if any(t != column[0] for t in column):
+            break
+        n += 1
+    return min(n, min(len(p) for p in prompts) - 1)
+
+
 def completion_hidden(
-    model: torch.nn.Module, prompts: list[list[int]], completions: list[list[int]], pad: int
+    model: torch.nn.Module,
+    prompts: list[list[int]],
+    completions: list[list[int]],
+    pad: int,
+    share_prefix: bool = False,
 ) -> torch.Tensor | None:
     """Final hidden states [B, Tc, H] that predict each completion token, or None for a model we cannot split
     into decoder + LM head (then use ``completion_logits``).
 
-    Sequences are right-padded so positions are plain 0..L-1 for every row.
+    Sequences are right-padded so positions are plain 0..L-1 for every row. With ``share_prefix`` a prompt
+    prefix common to the whole batch (a system prompt, a tool list) runs once and its keys/values are repeated
+    for every row: the same values and gradients (the repeat's backward sums them), without recomputing it B times.
     """
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
     if decoder is None or model.get_output_embeddings() is None:
         return None
+    shared = shared_prefix_len(prompts) if share_prefix and len(prompts) > 1 else 0
+    # gradient checkpointing drops the cache in training (transformers turns use_cache off), so nothing to share
+    if shared >= MIN_SHARED_PREFIX and not (getattr(model, "is_gradient_checkpointing", False) and model.training):
+        hidden = _shared_prefix_hidden(model, decoder, prompts, completions, pad, shared)
+        if hidden is not None:
+            return hidden
     ids, attn, pos = _completion_positions(model, prompts, completions, pad)
     hidden = decoder(input_ids=ids, attention_mask=attn).last_hidden_state
+    return hidden.gather(1, pos.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+
+
+def _shared_prefix_hidden(
+    model: torch.nn.Module,
+    decoder: torch.nn.Module,
+    prompts: list[list[int]],
+    completions: list[list[int]],
+    pad: int,
+    shared: int,
+) -> torch.Tensor | None:
+    device = next(model.parameters()).device
+    cache = decoder(input_ids=torch.tensor([prompts[0][:shared]], device=device), use_cache=True).past_key_values
+    if cache is None or not hasattr(cache, "batch_repeat_interleave"):
+        return None  # a model without a repeatable KV cache: the caller runs the plain path
+    cache.batch_repeat_interleave(len(prompts))
+    rest = [p[shared:] for p in prompts]
+    ids, attn, pos = _completion_positions(model, rest, completions, pad)
+    mask = torch.cat([torch.ones((len(prompts), shared), dtype=attn.dtype, device=device), attn], dim=1)
+    positions = torch.arange(shared, shared + ids.shape[1], device=device).expand(len(prompts), -1)
+    hidden = decoder(
+        input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
+    ).last_hidden_state
     return hidden.gather(1, pos.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
 
 
@@ -183,14 +233,18 @@ def _completion_positions(
 
 
 def completion_logits(
-    model: torch.nn.Module, prompts: list[list[int]], completions: list[list[int]], pad: int
+    model: torch.nn.Module,
+    prompts: list[list[int]],
+    completions: list[list[int]],
+    pad: int,
+    share_prefix: bool = False,
 ) -> torch.Tensor:
     """Logits [B, Tc, V] predicting each completion token, for prompt+completion run through ``model``.
 
     The LM head is applied only to the completion positions: on a 150k vocabulary the full [B, L, V] logits
     would dominate memory. (The chunked loss goes further and never holds [B, Tc, V]: ``completion_hidden``.)
     """
-    hidden = completion_hidden(model, prompts, completions, pad)
+    hidden = completion_hidden(model, prompts, completions, pad, share_prefix)
     if hidden is not None:
         return lm_head(model, hidden)
     ids, attn, pos = _completion_positions(model, prompts, completions, pad)

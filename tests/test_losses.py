@@ -208,24 +208,18 @@ def test_sft_loss_is_token_cross_entropy() -> None:
     assert out.loss.item() == pytest.approx(float(ref), rel=1e-6)
 
 
-@pytest.mark.parametrize(
-    "family",
-    [
-        ("LlamaConfig", {}),
-        ("Qwen2Config", {}),
-        ("Gemma2Config", {"final_logit_softcapping": 1.0, "head_dim": 16}),
-        ("GraniteConfig", {"logits_scaling": 8.0}),
-        ("CohereConfig", {"logit_scale": 0.0625}),
-    ],
-    ids=lambda f: f[0],
-)
-def test_completion_logits_are_the_models_own(family: tuple) -> None:
-    """F7: our hidden-state path must give ``model(...).logits`` for families that post-process the logits."""
+FAMILIES = [
+    ("LlamaConfig", {}),
+    ("Qwen2Config", {}),
+    ("Gemma2Config", {"final_logit_softcapping": 1.0, "head_dim": 16}),
+    ("GraniteConfig", {"logits_scaling": 8.0}),
+    ("CohereConfig", {"logit_scale": 0.0625}),
+]
+
+
+def _family_model(name: str, extra: dict) -> torch.nn.Module:
     import transformers
 
-    from sdft_ray.modeling import completion_logits
-
-    name, extra = family
     torch.manual_seed(0)
     cfg = getattr(transformers, name)(
         vocab_size=97,
@@ -237,14 +231,66 @@ def test_completion_logits_are_the_models_own(family: tuple) -> None:
         max_position_embeddings=64,
         **extra,
     )
-    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    return transformers.AutoModelForCausalLM.from_config(cfg)
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f[0])
+def test_completion_logits_are_the_models_own(family: tuple) -> None:
+    """F7: our hidden-state path must give ``model(...).logits`` for families that post-process the logits."""
+    from sdft_ray.modeling import completion_logits
+
+    model = _family_model(*family).eval()
     prompts, comps = [[5, 6, 7, 8], [9, 10]], [[11, 12, 13], [14]]
     with torch.no_grad():
         ours = completion_logits(model, prompts, comps, pad=0)
         for i, (p, c) in enumerate(zip(prompts, comps, strict=True)):
             full = model(input_ids=torch.tensor([p + c])).logits[0]
             ref = full[len(p) - 1 : len(p) - 1 + len(c)]
-            assert torch.allclose(ours[i, : len(c)], ref, atol=1e-5), (name, (ours[i, : len(c)] - ref).abs().max())
+            assert torch.allclose(ours[i, : len(c)], ref, atol=1e-5), (family[0], (ours[i, : len(c)] - ref).abs().max())
+
+
+def test_shared_prefix_len_leaves_every_prompt_a_token_of_its_own() -> None:
+    from sdft_ray.modeling import shared_prefix_len
+
+    assert shared_prefix_len([[1, 2, 3, 4], [1, 2, 3, 9, 9]]) == 3
+    assert shared_prefix_len([[1, 2, 3], [1, 2, 3, 4]]) == 2  # the shorter prompt keeps its last token
+    assert shared_prefix_len([[1, 2], [3, 2]]) == 0
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f[0])
+def test_shared_prefix_gives_the_models_own_logits_and_the_same_gradients(family: tuple) -> None:
+    """A prefix common to the batch runs once; logits equal ``model(...).logits`` and gradients the plain path's."""
+    from sdft_ray.modeling import MIN_SHARED_PREFIX, completion_logits
+
+    model = _family_model(*family).train()
+    system = list(range(20, 20 + MIN_SHARED_PREFIX + 3))  # a "system prompt" every row starts with
+    prompts = [system + [5, 6, 7], system + [9], system + [8, 8, 8, 8]]
+    comps = [[11, 12, 13], [14], [15, 16]]
+    grads, calls = [], []
+    model.get_decoder().register_forward_hook(lambda *_: calls.append(1))
+    for share in (False, True):
+        model.zero_grad()
+        calls.clear()
+        logits = completion_logits(model, prompts, comps, pad=0, share_prefix=share)
+        assert len(calls) == (2 if share else 1)  # the prefix pass, then the rows; not a silent fallback
+        (logits.float().square().mean(-1) * _mask(comps)).sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+        with torch.no_grad():
+            for i, (p, c) in enumerate(zip(prompts, comps, strict=True)):
+                model.eval()
+                full = model(input_ids=torch.tensor([p + c])).logits[0]
+                model.train()
+                ref = full[len(p) - 1 : len(p) - 1 + len(c)]
+                assert torch.allclose(logits[i, : len(c)], ref, atol=1e-5), (family[0], share)
+    for plain, shared in zip(*grads, strict=True):
+        torch.testing.assert_close(shared, plain, rtol=1e-4, atol=1e-6)
+
+
+def _mask(comps: list[list[int]]) -> torch.Tensor:
+    m = torch.zeros(len(comps), max(map(len, comps)))
+    for i, c in enumerate(comps):
+        m[i, : len(c)] = 1
+    return m
 
 
 @pytest.mark.parametrize("kind,alpha", [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.3)])
