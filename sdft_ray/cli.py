@@ -196,7 +196,10 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cmd == "bench":
             from sdft_ray.bench import run_bench
 
-            _print(run_bench(cfg, args.steps, args.compare_sft, args.compare_trl, args.out, args.compare_rollout))
+            command = shlex.join(["sdft-ray", *(sys.argv[1:] if argv is None else argv)])
+            _print(
+                run_bench(cfg, args.steps, args.compare_sft, args.compare_trl, args.out, args.compare_rollout, command)
+            )
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2

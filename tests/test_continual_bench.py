@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -111,7 +112,9 @@ def test_bench_smoke_produces_every_field(tiny, ray_cluster, tmp_path: Path) -> 
         assert r["steps"] == 2 and r["samples_per_s"] > 0 and r["peak_memory_mb"]["trainer"]["rss_mb"] > 0
     assert ours["algo"] == "sdft" and sft["algo"] == "sft" and ours["mean_rollout_s"] > 0
     assert rep["ratios"]["sdft_over_sft_wall_per_demonstration"] > 0
-    assert "samples_per_s" in (tmp_path / "b" / "bench.md").read_text()
+    md = (tmp_path / "b" / "bench.md").read_text()
+    assert "samples_per_s" in md and "--compare-sft" in md  # the table says how it was made, and where
+    assert f"{os.cpu_count()} x " in md and "torch " in md
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

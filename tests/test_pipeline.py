@@ -192,3 +192,48 @@ def test_chunked_and_materialized_loss_train_identically(tiny, ray_cluster, tmp_
     wb = load_file(str(tmp_path / "full" / "checkpoints" / "step-000002" / "student" / "model.safetensors"))
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("algo", ["sdft", "sft"])
+def test_shared_prompt_prefix_trains_exactly_like_the_plain_forward(tiny, ray_cluster, tmp_path: Path, algo) -> None:
+    """The trainer's prefix sharing (student, EMA teacher, SFT) changes the cost of a step, not its result."""
+    from actors.trainer import StudentTrainer
+    from sdft_ray.network import free_address
+
+    system = list(range(10, 40))  # 30 tokens every prompt starts with, as a chat system prompt would be
+    items = [
+        {
+            "uid": str(i),
+            "prompt_ids": system + [5 + i, 6],
+            "teacher_prompt_ids": system + [8, 5 + i, 9, 7],
+            "completion_ids": [10 + i, 11, 12, 13, 14, 15, 2][: 6 + i],  # past the 3 skipped tokens
+            "demonstration_ids": [12, 13 + i, 2],
+            "rollout_logprobs": [-1.0] * (6 + i),
+            "version": 0,
+        }
+        for i in range(2)
+    ]
+    outs = []
+    for share in (False, True):
+        over = tiny_overrides(
+            tiny,
+            tmp_path / str(share),
+            train__share_prompt_prefix=share,
+            train__algo=algo,
+            train__batch_size=2,
+            train__warmup_ratio=0,
+        )
+        cfg = load_config(None, over).to_dict()
+        tr = ray.remote(StudentTrainer).options(num_cpus=0.5).remote(cfg, 4, 0, 1, *free_address())
+        try:
+            first = ray.get(tr.train_step.remote([ray.put(items)]))
+            second = ray.get(tr.train_step.remote([ray.put(items)]))  # after an optimizer step and an EMA update
+            outs.append((first["loss"], second["loss"], ray.get(tr.state_dict_cpu.remote())))
+        finally:
+            ray.kill(tr)
+    (a1, a2, sa), (b1, b2, sb) = outs
+    # the SDFT loss of a random tiny model is ~1e-6 (teacher and student barely differ): absolute tolerance
+    assert b1 == pytest.approx(a1, rel=1e-4, abs=1e-8) and b2 == pytest.approx(a2, rel=1e-4, abs=1e-8) and a1 != a2
+    for k in sa:
+        # Adam turns float noise in near-zero gradients into a few % of a step (1e-3 each, two steps here)
+        torch.testing.assert_close(sb[k], sa[k], rtol=1e-4, atol=1e-4)
