@@ -40,8 +40,6 @@ class TeacherScorer:
             self.model = load_model(cfg.model, device).eval()
             self.model.requires_grad_(False)
             self.owns_model = True
-        # the live student under ZeRO-3 must keep one decoder call per forward (see StudentTrainer.share_prefix)
-        self.share_prefix = cfg.train.share_prompt_prefix and (self.owns_model or cfg.train.zero_stage < 3)
         self.master: dict[str, torch.Tensor] | None = None  # fp32 EMA state when the teacher is low precision
 
     @contextmanager
@@ -57,13 +55,17 @@ class TeacherScorer:
     @torch.no_grad()
     def logits(self, teacher_prompts: list[list[int]], completions: list[list[int]]) -> torch.Tensor:
         with self._eval_mode():
-            return completion_logits(self.model, teacher_prompts, completions, self.pad, self.share_prefix).float()
+            return completion_logits(
+                self.model, teacher_prompts, completions, self.pad, self.cfg.train.share_prompt_prefix
+            ).float()
 
     @torch.no_grad()
     def hidden(self, teacher_prompts: list[list[int]], completions: list[list[int]]) -> torch.Tensor | None:
         """Final hidden states at the completion positions (for the chunked loss), or None if not splittable."""
         with self._eval_mode():
-            return completion_hidden(self.model, teacher_prompts, completions, self.pad, self.share_prefix)
+            return completion_hidden(
+                self.model, teacher_prompts, completions, self.pad, self.cfg.train.share_prompt_prefix
+            )
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         return lm_head(self.model, hidden)

@@ -126,9 +126,6 @@ class StudentTrainer(ActorProcess):
             dist_init_required=False,  # init_process_group above
         )
         self.gas = grad_accum_steps(cfg)
-        # ZeRO-3 prefetches parameters in a recorded module order, which a second (prefix) decoder call in
-        # some micro-batches but not others would break
-        self.share_prefix = t.share_prompt_prefix and t.zero_stage < 3
         self.version = 0
         self.bad_steps = 0
         self.teacher: TeacherScorer | None = None
@@ -161,7 +158,7 @@ class StudentTrainer(ActorProcess):
                 [m["prompt_ids"] for m in mb],
                 [m["demonstration_ids"] for m in mb],
                 self.pad,
-                self.share_prefix,
+                cfg.train.share_prompt_prefix,
             )
             ids, mask = pad_right([m["demonstration_ids"] for m in mb], self.pad)
             return sft_loss(logits, ids.to(logits.device), mask.to(logits.device))
@@ -191,7 +188,8 @@ class StudentTrainer(ActorProcess):
                     return self._chunked_loss(mb, comps, t_hidden)
             kwargs["teacher_logits"] = self.teacher.logits(t_prompts, comps)
         self._timing["teacher_s"] += time.perf_counter() - t0
-        logits = completion_logits(self.module, [m["prompt_ids"] for m in mb], comps, self.pad, self.share_prefix)
+        prompts = [m["prompt_ids"] for m in mb]
+        logits = completion_logits(self.module, prompts, comps, self.pad, cfg.train.share_prompt_prefix)
         dev = logits.device
         ids, mask = pad_right(comps, self.pad)
         rollout_logp = rollout_logprobs(mb, ids.shape[1])
@@ -215,7 +213,8 @@ class StudentTrainer(ActorProcess):
     def _chunked_loss(self, mb: list[dict[str, Any]], comps: list[list[int]], t_hidden: torch.Tensor) -> LossOutput:
         """The full-vocabulary loss from hidden states, ``loss.chunk_tokens`` tokens of logits at a time."""
         lo = self.cfg.loss
-        s_hidden = completion_hidden(self.module, [m["prompt_ids"] for m in mb], comps, self.pad, self.share_prefix)
+        prompts = [m["prompt_ids"] for m in mb]
+        s_hidden = completion_hidden(self.module, prompts, comps, self.pad, self.cfg.train.share_prompt_prefix)
         assert s_hidden is not None  # same architecture as the teacher, which could be split
         dev = s_hidden.device
         ids, mask = pad_right(comps, self.pad)

@@ -74,3 +74,9 @@ def lr_lambda(cfg: Config, total_steps: int):  # noqa: ANN201 - returns a plain 
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
     return f
+
+
+def zero3_partitioned(module: Any) -> bool:
+    """The module's parameters are ZeRO-3 partitions (DeepSpeed tags each one with ``ds_id``)."""
+    first = next(iter(module.parameters()), None)
+    return first is not None and hasattr(first, "ds_id")

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from sdft_ray.config import ModelConfig
+from sdft_ray.ds_config import zero3_partitioned
 from sdft_ray.errors import ModelError, first_line
 
 
@@ -178,8 +179,11 @@ def completion_hidden(
     if decoder is None or model.get_output_embeddings() is None:
         return None
     shared = shared_prefix_len(prompts) if share_prefix and len(prompts) > 1 else 0
-    # gradient checkpointing drops the cache in training (transformers turns use_cache off), so nothing to share
-    if shared >= MIN_SHARED_PREFIX and not (getattr(model, "is_gradient_checkpointing", False) and model.training):
+    # Both need one decoder call per forward: gradient checkpointing drops the cache in training (transformers
+    # turns use_cache off), and ZeRO-3 prefetches parameters in a recorded module order, which a prefix call in
+    # some micro-batches but not others would break.
+    checkpointing = getattr(model, "is_gradient_checkpointing", False) and model.training
+    if shared >= MIN_SHARED_PREFIX and not checkpointing and not zero3_partitioned(model):
         hidden = _shared_prefix_hidden(model, decoder, prompts, completions, pad, shared)
         if hidden is not None:
             return hidden

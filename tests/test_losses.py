@@ -286,6 +286,24 @@ def test_shared_prefix_gives_the_models_own_logits_and_the_same_gradients(family
         torch.testing.assert_close(shared, plain, rtol=1e-4, atol=1e-6)
 
 
+def test_shared_prefix_stays_off_for_zero3_partitioned_parameters() -> None:
+    """ZeRO-3 needs one decoder call per forward; its parameters carry DeepSpeed's ``ds_id`` tag."""
+    from sdft_ray.modeling import MIN_SHARED_PREFIX, completion_logits
+
+    model = _family_model("LlamaConfig", {}).eval()
+    calls: list[int] = []
+    model.get_decoder().register_forward_hook(lambda *_: calls.append(1))
+    prompts = [list(range(20, 21 + MIN_SHARED_PREFIX)) + [5], list(range(20, 21 + MIN_SHARED_PREFIX)) + [6]]
+    with torch.no_grad():
+        completion_logits(model, prompts, [[7], [8]], pad=0, share_prefix=True)
+        assert len(calls) == 2
+        for i, param in enumerate(model.parameters()):
+            param.ds_id = i
+        calls.clear()
+        completion_logits(model, prompts, [[7], [8]], pad=0, share_prefix=True)
+        assert len(calls) == 1
+
+
 def _mask(comps: list[list[int]]) -> torch.Tensor:
     m = torch.zeros(len(comps), max(map(len, comps)))
     for i, c in enumerate(comps):
