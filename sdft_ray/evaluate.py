@@ -224,19 +224,22 @@ def teacher_gap(cfg: Config, sources: list[tuple[str, str]], samples: int = 4) -
             examples = load_examples(cfg.data, src)[: cfg.eval.max_examples or None]
             data = tokenize_examples(examples, tok, cfg.data)
             golds = [d.demonstration_ids for d in data]
+            runs = {
+                "student": evaluate_with_engines(cfg, tok, engines, src, scorer=scorer),
+                "teacher": evaluate_with_engines(cfg, tok, engines, src, True, scorer),
+                "student_sampled": evaluate_with_engines(sampled, tok, engines, src, scorer=scorer),
+                "teacher_sampled": evaluate_with_engines(sampled, tok, engines, src, True, scorer),
+            }
             out[src] = {
                 "scorer": scorer,
                 "examples": len(data),
-                "student_accuracy": evaluate_with_engines(cfg, tok, engines, src, scorer=scorer)["accuracy"],
-                "teacher_accuracy": evaluate_with_engines(cfg, tok, engines, src, True, scorer)["accuracy"],
+                **{f"{k}_accuracy": v["accuracy"] for k, v in runs.items()},
                 "temperature": cfg.rollout.temperature,
-                "student_sampled_accuracy": evaluate_with_engines(sampled, tok, engines, src, scorer=scorer)[
-                    "accuracy"
-                ],
-                "teacher_sampled_accuracy": evaluate_with_engines(sampled, tok, engines, src, True, scorer)["accuracy"],
                 "student_gold_logprob": gold_logprob(model, tok.pad_token_id, [d.prompt_ids for d in data], golds),
                 "teacher_gold_logprob": gold_logprob(
                     model, tok.pad_token_id, [d.teacher_prompt_ids for d in data], golds
                 ),
+                # what each prompt makes the model write: a gap (or its absence) is read from these, not guessed
+                "samples": {k: v["samples"][:2] for k, v in runs.items()},
             }
     return out

