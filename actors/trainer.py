@@ -351,8 +351,12 @@ class StudentTrainer(ActorProcess):
     def _update_teacher(self) -> None:
         if self.teacher is None or self.cfg.teacher.kind != "ema":
             return
+        rate = self.cfg.teacher.ema_rate
+        if self.cfg.train.zero_stage < 3:  # full tensors on this rank already: read them in place, no bucket copies
+            self.teacher.ema_update([(n, p.detach()) for n, p in self.module.named_parameters()], rate)
+            return
         for b in iter_param_buckets(self.module, self._bucket_bytes(), self.cfg.train.zero_stage, to_cpu=False):
-            self.teacher.ema_update(list(zip(b.names, b.tensors, strict=True)), self.cfg.teacher.ema_rate)
+            self.teacher.ema_update(list(zip(b.names, b.tensors, strict=True)), rate)
 
     # ------------------------------------------------------------ weights out
     def broadcast(self, which: str = "student") -> list[Any]:

@@ -527,6 +527,7 @@ class SDFTDriver:
             "skipped_records": self.report.skipped,
             "weights_verified": self.weights_verified,
         }
+        summary["peak_rss_gb"] = self.peak_rss_gb()
         if cfg.data.eval and self.rollouts is not None:
             from sdft_ray.evaluate import evaluate_with_engines
 
@@ -539,6 +540,18 @@ class SDFTDriver:
         self.logger.event("end", **{k: v for k, v in summary.items() if k != "last"})
         self.logger.close()
         return summary
+
+    def peak_rss_gb(self) -> dict[str, float]:
+        """Peak resident memory of every role's process (what `sdft-ray memory --measured` prints beside its budget)."""
+        from sdft_ray.modeling import peak_memory_mb
+
+        roles = [(f"trainer{i}", a) for i, a in enumerate(self.trainers)]
+        for group, name in ((self.rollouts, "rollout"), (self.teachers, "teacher")):
+            roles += [(f"{name}{i}", a) for i, a in enumerate(group.actors if group is not None else [])]
+        peaks = self._get([a.peak_memory.remote() for _, a in roles], "peak memory")
+        out = {role: p["rss_mb"] * 2**20 / 1e9 for (role, _), p in zip(roles, peaks, strict=True)}
+        out["driver"] = peak_memory_mb()["rss_mb"] * 2**20 / 1e9
+        return {k: round(v, 2) for k, v in out.items()}
 
     def _step_metrics(self, results: list[dict[str, Any]], wall: float) -> dict[str, Any]:
         m = dict(results[0])
