@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from actors.base import ActorProcess, pin_visible_gpus
 from sdft_ray.config import Config, config_from_dict, resolve_rollout_backend
 from sdft_ray.modeling import device_for, load_model, load_tokenizer, stop_token_ids
-from sdft_ray.weight_sync import Bucket, Meta, load_bucket_into, model_checksum, receive_buckets
+from sdft_ray.weight_sync import Bucket, Meta, load_bucket_into, model_checksum
 
 
 def request_seeds(seed: int, n: int) -> list[int]:
@@ -113,6 +113,7 @@ class RolloutWorker(ActorProcess):
         torch.set_num_threads(max(1, self.cfg.rollout.torch_threads))
         self.engine_index = engine_index
         self.version = 0
+        self.backend_updating, self.sync_t0 = False, 0.0
         device = device_for(self.cfg.rollout.num_gpus)
         if resolve_rollout_backend(self.cfg) == "vllm":
             from actors.vllm_engine import VLLMGenerator
@@ -149,17 +150,17 @@ class RolloutWorker(ActorProcess):
             )
         return result
 
-    def update_weights(self, buckets: list[Any], version: int, timeout_s: float) -> dict[str, float]:
-        """Load buckets (ObjectRefs on the CPU path) and adopt ``version``; loud error on timeout or mismatch."""
-        verify = self.cfg.pipeline.verify_weight_checksums
-        t0 = time.perf_counter()
-        self.backend.wake()
-        receive_buckets(
-            buckets, lambda b: self.backend.load_bucket(b, verify), timeout_s, f"rollout engine {self.engine_index}"
-        )
-        self.backend.finish_update()
-        self.version = version
-        return {"version": version, "seconds": time.perf_counter() - t0}
+    def receive_bucket(self, bucket: Bucket, last: bool, version: int) -> dict[str, float]:
+        """One bucket of a streamed object-store sync (Ray resolved it from its ObjectRef); the last one finishes
+        the update (vLLM's post-processing, prefix cache reset) and adopts ``version``."""
+        if not self.backend_updating:
+            self.backend.wake()
+            self.backend_updating, self.sync_t0 = True, time.perf_counter()
+        self.backend.load_bucket(bucket, self.cfg.pipeline.verify_weight_checksums)
+        if last:
+            self.backend.finish_update()
+            self.version, self.backend_updating = version, False
+        return {"version": version, "seconds": time.perf_counter() - self.sync_t0}
 
     def init_weight_group(self, host: str, port: int, rank_offset: int, world_size: int) -> None:
         self.backend.init_nccl(host, port, rank_offset, world_size)

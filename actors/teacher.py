@@ -24,7 +24,7 @@ from actors.base import ActorProcess, pin_visible_gpus
 from sdft_ray.config import Config, config_from_dict
 from sdft_ray.losses import topk_logprobs
 from sdft_ray.modeling import completion_hidden, completion_logits, device_for, lm_head, load_model, load_tokenizer
-from sdft_ray.weight_sync import Bucket, load_bucket_into, model_checksum, receive_buckets
+from sdft_ray.weight_sync import Bucket, load_bucket_into, model_checksum
 
 
 def _same_device_dtype(
@@ -216,13 +216,14 @@ class TeacherWorker(ActorProcess):
         ]
         return self.scorer.compact_scores(items)
 
-    def update_weights(self, buckets: list[Any], version: int, timeout_s: float) -> dict[str, float]:
+    def receive_bucket(self, bucket: Bucket, last: bool, version: int) -> dict[str, float]:
+        """One bucket of a streamed object-store sync; the last one adopts ``version``."""
         import time
 
-        verify = self.cfg.pipeline.verify_weight_checksums
         t0 = time.perf_counter()
-        receive_buckets(buckets, lambda b: self.scorer.load_bucket(b, verify), timeout_s, "teacher actor")
-        self.version = version
+        self.scorer.load_bucket(bucket, self.cfg.pipeline.verify_weight_checksums)
+        if last:
+            self.version = version
         return {"version": version, "seconds": time.perf_counter() - t0}
 
     def checksum(self) -> str:

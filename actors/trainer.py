@@ -34,7 +34,15 @@ from sdft_ray.modeling import (
     pad_right,
 )
 from sdft_ray.network import free_address, init_process_group
-from sdft_ray.weight_sync import Bucket, Meta, bucket_checksum, iter_param_buckets, model_checksum
+from sdft_ray.weight_sync import (
+    Bucket,
+    Meta,
+    bucket_checksum,
+    bucket_groups,
+    gather_bucket,
+    iter_param_buckets,
+    model_checksum,
+)
 
 
 def inner_optimizer(optimizer: Any) -> torch.optim.Optimizer:
@@ -359,22 +367,22 @@ class StudentTrainer(ActorProcess):
             self.teacher.ema_update(list(zip(b.names, b.tensors, strict=True)), rate)
 
     # ------------------------------------------------------------ weights out
-    def broadcast(self, which: str = "student") -> list[Any]:
-        """Put the current weights in the object store as buckets; returns their refs (rank 0; [] elsewhere).
+    def num_buckets(self, which: str = "student") -> int:
+        return len(bucket_groups(self._source(which)[0], self._bucket_bytes()))
 
-        Every rank must call this under ZeRO-3 because the gather is collective.
+    def publish_bucket(self, which: str, index: int) -> Bucket | None:
+        """Bucket ``index`` of the current weights, as this call's return value: Ray keeps it in the object
+        store for as long as the driver holds the reference, so the driver bounds how many exist at once.
+
+        Every rank must call this under ZeRO-3 (the gather is collective); ranks > 0 return None.
         """
-        import ray
-
         module, stage = self._source(which)
-        verify = self.cfg.pipeline.verify_weight_checksums
-        refs = []
-        for b in iter_param_buckets(module, self._bucket_bytes(), stage):
-            if self.rank == 0:
-                if verify:
-                    b.checksum = bucket_checksum(b.names, b.tensors)
-                refs.append(ray.put(b))
-        return refs
+        b = gather_bucket(bucket_groups(module, self._bucket_bytes())[index], stage)
+        if self.rank != 0:
+            return None
+        if self.cfg.pipeline.verify_weight_checksums:
+            b.checksum = bucket_checksum(b.names, b.tensors)
+        return b
 
     # GPU transports (vLLM engines): NCCL broadcast or CUDA IPC, one flat buffer per bucket
     def sync_plan(self, which: str = "student") -> list[Meta]:
@@ -382,16 +390,13 @@ class StudentTrainer(ActorProcess):
         from actors.vllm_engine import dtype_name
 
         module, _ = self._source(which)
-        plan, cur, size, limit = [], [], 0, self._bucket_bytes()
-        for name, p in module.named_parameters():
-            shape = tuple(p.ds_shape) if hasattr(p, "ds_shape") else tuple(p.shape)
-            n = torch.Size(shape).numel() * p.element_size()
-            if cur and size + n > limit:
-                plan.append(cur)
-                cur, size = [], 0
-            cur.append((name, dtype_name(p.dtype), shape))
-            size += n
-        return plan + ([cur] if cur else [])
+        return [
+            [
+                (name, dtype_name(p.dtype), tuple(p.ds_shape) if hasattr(p, "ds_shape") else tuple(p.shape))
+                for name, p in g
+            ]
+            for g in bucket_groups(module, self._bucket_bytes())
+        ]
 
     def init_weight_group(self, host: str, port: int, world_size: int) -> None:
         from actors.vllm_engine import TrainerSender

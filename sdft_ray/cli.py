@@ -83,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     _job_args(me)
     me.add_argument("--model-config", help="the model's config.json (default: model.path's)")
     me.add_argument("--gpu-gb", type=float, default=141.0, help="memory of one GPU (H200: 141, H100: 80)")
+    me.add_argument("--measured", metavar="RUN_DIR", help="a finished run's output_dir: print each role's peak RSS")
     tg = sub.add_parser(
         "teacher-gap", help="before training: accuracy and gold log-prob, student prompt vs teacher prompt"
     )
@@ -147,7 +148,18 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 return 2
             shape = ModelShape.from_hf_config(hf_config)
-            print(render(shape, budget(cfg, shape, args.gpu_gb), args.gpu_gb))
+            lines = budget(cfg, shape, args.gpu_gb)
+            if cfg.train.num_gpus == 0:
+                from sdft_ray.memory_budget import machine_gb, measured_peaks, render_cpu
+
+                try:
+                    measured = measured_peaks(args.measured) if args.measured else None
+                except ValueError as e:
+                    print(f"error: {e}", file=sys.stderr)
+                    return 2
+                print(render_cpu(shape, lines, measured, machine_gb()))
+            else:
+                print(render(shape, lines, args.gpu_gb))
             return 0
         if args.cmd == "make-tasks":
             from sdft_ray.tasks import make_tasks

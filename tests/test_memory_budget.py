@@ -72,7 +72,7 @@ def test_memory_command_reads_the_models_own_config(tiny, capsys) -> None:
     assert main(["memory", "--config", "configs/tiny_cpu.yaml", f"model.path={tiny['model']}"]) == 0
     out = capsys.readouterr().out
     shape = ModelShape.from_hf_config(AutoConfig.from_pretrained(tiny["model"]))
-    assert f"model: {shape.params / 1e9:.2f} B parameters" in out and "| host | student weights (full) |" in out
+    assert f"model: {shape.params / 1e9:.2f} B parameters" in out and "| trainer | student weights (full) |" in out
 
 
 def test_memory_command_without_a_readable_config_is_one_line(tmp_path: Path, capsys) -> None:
@@ -91,3 +91,44 @@ def test_cpu_fp32_run_has_no_separate_master_and_no_gpu_lines(qwen: ModelShape) 
     by = {x.what: x.bytes for x in lines}
     assert by["Adam m, v"] == 8 * qwen.params and by["EMA teacher weights"] == 4 * qwen.params
     assert "EMA teacher fp32 master" not in by  # fp32 weights are their own master
+
+
+def test_cpu_budget_counts_every_role(qwen: ModelShape) -> None:
+    from sdft_ray.memory_budget import roles
+
+    cfg = load_config("configs/qwen0.5b.yaml", ["rollout.backend=vllm"])
+    lines = budget(cfg, qwen)
+    per = roles(lines)
+    assert set(per) == {"trainer", "rollout engine", "object store", "driver"}
+    by = {(x.role, x.what): x.bytes for x in lines}
+    p = qwen.params
+    assert by[("rollout engine", "weights (1 engine(s))")] == 4 * p  # fp32, like the trainer
+    assert by[("rollout engine", "KV cache (rollout.kv_cache_memory_gb 0.5)")] == 0.5 * 2**30
+    # the object store holds at most sync_inflight_buckets + 1 buckets (each >= the largest tensor) ...
+    bucket = max(256 * 2**20, 4 * qwen.largest_param)
+    assert per["object store"] * 1e9 == pytest.approx(3 * bucket)
+    # ... or, unbounded, the whole model
+    unbounded = roles(budget(load_config("configs/qwen0.5b.yaml", ["pipeline.sync_inflight_buckets=0"]), qwen))
+    assert unbounded["object store"] * 1e9 == pytest.approx(4 * p)
+    # SFT without an eval set runs no engine and keeps no teacher
+    sft = roles(budget(load_config("configs/qwen0.5b.yaml", ["train.algo=sft"]), qwen))
+    assert "rollout engine" not in sft and sft["trainer"] < per["trainer"] - 4 * p / 1e9 + 1e-6
+
+
+def test_memory_measured_prints_each_roles_peak_beside_the_budget(tiny, ray_cluster, tmp_path: Path, capsys) -> None:
+    """A real run records every role's peak RSS; `sdft-ray memory --measured` prints it beside the budget."""
+    from conftest import tiny_overrides
+
+    from sdft_ray.cli import main
+    from sdft_ray.driver import train
+
+    over = tiny_overrides(tiny, tmp_path / "run", train__steps=1)
+    summary = train(load_config(None, over))
+    peaks = summary["peak_rss_gb"]
+    assert set(peaks) == {"trainer0", "rollout0", "driver"} and all(0.05 < v < 20 for v in peaks.values())
+    assert main(["memory", *over, "--measured", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    row = [x for x in out.splitlines() if x.startswith("| trainer | ")][-1]  # the per-role summary
+    assert row.split("|")[3].strip() == f"{peaks['trainer0']:.1f}"
+    assert main(["memory", *over, "--measured", str(tmp_path / "nothing")]) == 2
+    assert "no metrics.jsonl there" in capsys.readouterr().err

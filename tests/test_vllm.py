@@ -129,7 +129,7 @@ def test_weight_update_takes_effect_and_drops_stale_prefix_cache(engine) -> None
     try:
         buckets = list(iter_param_buckets(model, 2**16))
         assert len(buckets) > 1  # the layerwise reload must work across buckets
-        ray.get(actor.update_weights.remote(buckets, 1, 60.0))
+        ray.get([actor.receive_bucket.remote(b, i == len(buckets) - 1, 1) for i, b in enumerate(buckets)])
         after = ray.get(actor.generate.remote([item], seed=3))
         diff = _max_diff(after, _trainer_logprobs(model, cfg, after))
         assert diff < LOGPROB_TOL, f"engine computed with stale KV or old weights: max |diff| {diff:.3f}"
@@ -137,7 +137,8 @@ def test_weight_update_takes_effect_and_drops_stale_prefix_cache(engine) -> None
         with torch.no_grad():
             for n, p in model.named_parameters():
                 p.copy_(original[n])
-        ray.get(actor.update_weights.remote(list(iter_param_buckets(model, 2**16)), 2, 60.0))
+        back = list(iter_param_buckets(model, 2**16))
+        ray.get([actor.receive_bucket.remote(b, i == len(back) - 1, 2) for i, b in enumerate(back)])
 
 
 def test_engine_kwargs_cpu_and_gpu(tiny, tmp_path: Path) -> None:
