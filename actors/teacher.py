@@ -1,6 +1,6 @@
 """Teacher role: score the student's own tokens under the demonstration-conditioned prompt.
 
-Kinds (SDFT_SPEC.md step 5): ``ema`` (EMA of the student, the paper's choice), ``frozen`` (the base model),
+Kinds (docs/algorithm.md step 5): ``ema`` (EMA of the student, the paper's choice), ``frozen`` (the base model),
 ``student`` (live student weights, no grad), ``external`` (OpenAI-compatible server, top-k prompt logprobs).
 
 ``TeacherScorer`` is the testable core. With the full-vocab estimator it lives *inside* the trainer process

@@ -1,6 +1,6 @@
 """One config tree for a whole run: YAML file + ``key.sub=value`` overrides, validated before anything starts.
 
-Every field has the paper's default (see SDFT_SPEC.md) unless noted. Unknown keys are errors that name the
+Every field has the paper's default (see docs/algorithm.md) unless noted. Unknown keys are errors that name the
 nearest valid key, so a typo never silently falls back to a default.
 """
 

@@ -1,6 +1,6 @@
 """Demonstration datasets: load, normalize the formats seen in the wild, build student and teacher prompts.
 
-Formats (SDFT_SPEC.md): ``prompt`` + ``golden_response`` (str or list), ``messages`` + ``output_text``,
+Formats (docs/algorithm.md): ``prompt`` + ``golden_response`` (str or list), ``messages`` + ``output_text``,
 ``prompt`` + ``teacher_prompt``, ``prompt`` + ``privileged_context``. ``prompt`` may be a string or a list
 of chat messages. An optional ``answer`` field is the gold answer for evaluation.
 """

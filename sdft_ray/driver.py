@@ -1,6 +1,6 @@
 """The driver: one controller wiring rollout, teacher and trainer actors into a pipelined SDFT loop.
 
-Per step (SDFT_SPEC.md): rollout (student samples y) -> teacher scores y under the demonstration prompt ->
+Per step (docs/algorithm.md): rollout (student samples y) -> teacher scores y under the demonstration prompt ->
 trainer takes the divergence loss and an optimizer step (+ EMA teacher) -> new weights go to the engines.
 Rollouts for the next ``pipeline.max_staleness`` steps are launched before the current step trains, so
 generation overlaps training; each sample carries the weight version it was generated with.

@@ -1,6 +1,6 @@
 """Evaluation: generation through the rollout actors, task scorers, and unbiased pass@k.
 
-Scorers (SDFT_SPEC.md): ``answer_tag`` (science: exact match of the text inside <answer>...</answer>),
+Scorers (docs/algorithm.md): ``answer_tag`` (science: exact match of the text inside <answer>...</answer>),
 ``tool_use`` (multiset of ``Action:`` names and merged ``Action Input:`` JSON must match), ``exact``.
 """
 

@@ -1,7 +1,7 @@
 """SDFT divergence losses: pure tensor code, no Ray, no models.
 
 Shapes: B sequences, T completion positions, V vocabulary. ``mask`` is 1 on completion tokens that count.
-All reductions follow SDFT_SPEC.md: sum over the vocabulary, mean over a sequence's counted tokens, then a
+All reductions follow docs/algorithm.md: sum over the vocabulary, mean over a sequence's counted tokens, then a
 mean over the batch of importance-weighted sequence losses.
 """
 

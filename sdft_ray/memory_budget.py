@@ -1,6 +1,7 @@
 """The memory a job needs, computed from the model's shape and the config: GPU per role and host RAM.
 
-What each line counts follows the DeepSpeed 0.19 and vLLM 0.24 sources (../shared/reviews/gpu-paths.md §11):
+What each line counts follows the DeepSpeed 0.19 and vLLM 0.24 sources
+(docs/clusters.md, "Memory, computed"):
 ZeRO-Offload keeps the fp32 master, Adam moments, an fp32 gradient partition and pinned 16-bit buffers on the
 host; its GPU side is two reduce buckets and a staging buffer the size of the largest parameter. Activations and
 the loss are estimates (gradient checkpointing keeps one input per layer; the chunked loss keeps one chunk of

@@ -2,7 +2,7 @@
 
 One machine (a local run, no RAY_ADDRESS): Ray, the trainers' torch.distributed rendezvous and gloo/NCCL all
 listen on 127.0.0.1. On a cluster they listen on the node's address, which the other nodes must reach;
-README "Security" has the table. tests/test_listeners.py lists the sockets of a real run and fails on any
+docs/security.md has the table. tests/test_listeners.py lists the sockets of a real run and fails on any
 other.
 """
 

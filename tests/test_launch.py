@@ -28,7 +28,7 @@ def _port() -> int:
 
 @pytest.fixture
 def head_node():
-    """A head started by launch/start_head.sh, as the README says, on free ports and in its own session."""
+    """A head started by launch/start_head.sh, as docs/clusters.md says, on free ports and in its own session."""
     if shutil.which("ray") is None:
         pytest.fail("the ray CLI is not on PATH (pip install 'ray[default]')")
     dash = _port()
@@ -81,7 +81,7 @@ def _clone_with_tiny(tiny: dict[str, str], dest: Path) -> Path:
 
 
 def test_readme_cluster_flow_runs_tiny_job(head_node: str, tiny: dict[str, str], tmp_path: Path) -> None:
-    """README "GPUs and clusters": start_head.sh, submit.sh with the tiny config as shipped (its model and data
+    """docs/clusters.md: start_head.sh, submit.sh with the tiny config as shipped (its model and data
     uploaded with the job), `ray job logs`; secrets in the shell reach no job metadata."""
     repo = _clone_with_tiny(tiny, tmp_path / "repo")
     out = tmp_path / "run"
@@ -111,7 +111,7 @@ def test_readme_cluster_flow_runs_tiny_job(head_node: str, tiny: dict[str, str],
     assert (out / "checkpoints" / "step-000002" / "COMPLETE").exists()
     # the secret in the submitting shell is named as not forwarded, and appears in no job metadata
     assert "not forwarding WANDB_API_KEY" in res.stderr
-    ray_env = {**env, "RAY_AUTH_MODE": "token"}  # as the README says: Ray's own commands need it
+    ray_env = {**env, "RAY_AUTH_MODE": "token"}  # as docs/clusters.md says: Ray's own commands need it
     listing = subprocess.run(
         ["ray", "job", "list", "--address", head_node], env=ray_env, capture_output=True, text=True, timeout=120
     )

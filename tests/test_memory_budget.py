@@ -1,5 +1,6 @@
 """The computed memory budget: exact parameter counts from the architecture, the review's hand-derived totals for
-Qwen2.5-7B on one H200 (../shared/reviews/gpu-paths.md §11), and the shipped configs' comments kept equal to it."""
+Qwen2.5-7B on one H200
+(docs/clusters.md, "Memory, computed"), and the shipped configs' comments kept equal to it."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The EMA teacher (SDFT_SPEC.md step 5): its update is the spec's formula, and in bf16 it still moves (F8)."""
+"""The EMA teacher (docs/algorithm.md step 5): its update is the spec's formula, and in bf16 it still moves (F8)."""
 
 from __future__ import annotations
 
