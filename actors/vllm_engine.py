@@ -102,6 +102,8 @@ def engine_kwargs(cfg: Config, engine_index: int, on_gpu: bool) -> dict[str, Any
         max_model_len=cfg.data.max_prompt_length + max(r.max_new_tokens, cfg.eval.max_new_tokens),
         # log-probs of the raw (temperature-1) logits, as the trainer computes them: pinned, not left to a default
         logprobs_mode="raw_logprobs",
+        # pinned: generate() prefills a batch's shared prompt prefix once and relies on the cache for the rest
+        enable_prefix_caching=True,
         worker_extension_cls="actors.vllm_engine.WeightReceiver",
         use_tqdm_on_load=False,  # a quiet console: our progress bar, not a load bar per engine
     )
@@ -196,6 +198,18 @@ class WeightReceiver:
         return combine_digests(self._sdft_digests) if self._sdft_verify else ""
 
 
+_WARM_PREFIX_TOKENS = 64  # a few KV blocks: below that, one extra prefill costs more than it saves
+
+
+def _shared_prefix_len(prompts: list[list[int]]) -> int:
+    n = min(len(p) for p in prompts)
+    first = prompts[0]
+    for i in range(n):
+        if any(p[i] != first[i] for p in prompts[1:]):
+            return i
+    return n
+
+
 class VLLMGenerator:
     """A vLLM ``LLM`` engine behind the same interface as ``HFGenerator``."""
 
@@ -250,6 +264,12 @@ class VLLMGenerator:
             )
             for s in seeds
         ]
+        if len(prompts) > 1 and _shared_prefix_len(prompts) >= _WARM_PREFIX_TOKENS:
+            # vLLM caches KV by prompt block, but requests scheduled in the same step cannot reuse each other's:
+            # prefill one prompt first, so the rest find the shared prefix (a tool list, a system prompt) cached.
+            # A one-token greedy request: it draws no random numbers and changes no other request's sampling.
+            warm = SamplingParams(temperature=0.0, max_tokens=1, stop_token_ids=self.stops)
+            self.llm.generate([TokensPrompt(prompt_token_ids=prompts[0])], warm, use_tqdm=False)
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
         results = []
         for o in outs:

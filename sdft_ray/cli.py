@@ -24,6 +24,7 @@ from sdft_ray.errors import (
     Stopped,
     WeightSyncError,
     first_line,
+    memory_kill,
     stop_on_sigterm,
 )
 from sdft_ray.evaluate import SCORERS
@@ -229,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"checkpoint error: {_cause(e)}", file=sys.stderr)
         return 2
     except (ActorFailure, WeightSyncError, NonFiniteLossError) as e:
-        print(f"error: {_cause(e)}", file=sys.stderr)
+        print(report_failure(e), file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:
         # train() has already stopped its actors (its finally); checkpoints are only ever replaced whole
@@ -250,7 +251,19 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # a Ray error: one line when it is a memory kill, else the full traceback
+        oom = memory_kill(e)
+        if oom is None:
+            raise
+        print(f"error: {oom}", file=sys.stderr)
+        return 1
     return 0
+
+
+def report_failure(e: BaseException) -> str:
+    """The one line for a run that could not go on; a memory kill behind it is named as such."""
+    oom = memory_kill(e.__cause__) if e.__cause__ is not None else None
+    return f"error: {oom or _cause(e)}"
 
 
 def _cause(e: BaseException) -> str:

@@ -5,11 +5,38 @@ They live here, free of heavy imports, so the CLI can name them without loading 
 
 from __future__ import annotations
 
+import re
+
+ROLES = {"StudentTrainer": "trainer", "RolloutWorker": "rollout engine", "TeacherWorker": "teacher actor"}
+
 
 def first_line(e: BaseException) -> str:
     """The first line of an exception's message (libraries raise page-long ones), or its type if it has none."""
     lines = str(e).strip().splitlines()
     return lines[0] if lines else type(e).__name__
+
+
+def memory_kill(e: BaseException) -> str | None:
+    """One line for a process Ray's memory monitor killed, read from Ray's page-long message; None otherwise.
+
+    Names the role (from the killed task's actor class), what it held and what the node had, and what to change.
+    """
+    text = str(e)
+    if type(e).__name__ != "OutOfMemoryError" and "killed due to the node running low on memory" not in text:
+        return None
+    victim = re.search(r"Selected to kill:.*?task name=([\w.]+).*?actual memory used=([\d.]+GB)", text, re.S)
+    node = re.search(r"was ([\d.]+GB) used / ([\d.]+GB) limit", text)
+    if victim:
+        role = ROLES.get(victim.group(1).split(".")[0], victim.group(1).split(".")[0])
+        who = f"killed the {role} ({victim.group(1)}, holding {victim.group(2)})"
+    else:
+        who = "killed a process"
+    where = f"; the node had {node.group(1)} of {node.group(2)} in use" if node else ""
+    return (
+        f"out of memory: Ray's memory monitor {who}{where}. Compare with `sdft-ray memory --config ...`, then lower "
+        "train.micro_batch_size, rollout.kv_cache_memory_gb or pipeline.sync_inflight_buckets, or use fewer "
+        "engines or a smaller model; train.resume=auto continues from the last complete checkpoint"
+    )
 
 
 class DataError(ValueError):

@@ -196,3 +196,37 @@ def test_disk_full_while_writing_the_run_log_is_one_line_and_resumable(tiny, tmp
         assert res.returncode == 0, res.stderr[-3000:]
         steps = [json.loads(x).get("step") for x in log.read_text().splitlines() if "loss" in x]
         assert steps == [1, 2, 3, 4]
+
+
+# What Ray 2.60 raised when its memory monitor killed our 0.5B trainer on this 24 GB machine (trimmed: the
+# object-store statistics and advice between these lines are as long again).
+RAY_OOM = """1 worker(s) were killed due to the node running low on memory. Memory on the node (IP: 127.0.0.1, ID: 327c)
+was 22.62GB used / 23.54GB limit (0.961080)
+OOM kill reason: Memory usage 24186744832B exceeded threshold of 24012189696B (95.0% of 25275990016B limit)
+Ray killed 1 worker(s) based on the killing policy
+Considered workers: [
+Selected to kill: (Actor(40c1): job ID=01000000, lease ID=0100, task name=StudentTrainer.__init__, required
+resources={bundle_group_a466: 0.001}, pid=7379, actual memory used=13.87GB, worker ID=b401)
+(Actor(2bfc): job ID=01000000, task name=RolloutWorker.__init__, pid=7378, actual memory used=5.68GB)
+]
+Top 10 memory users: PID	MEM(GB)	COMMAND"""
+
+
+def test_a_memory_kill_is_one_line_naming_the_role(capsys) -> None:
+    import ray
+
+    from sdft_ray.errors import ActorFailure, memory_kill
+
+    line = memory_kill(ray.exceptions.OutOfMemoryError(RAY_OOM))
+    assert line.startswith(
+        "out of memory: Ray's memory monitor killed the trainer (StudentTrainer.__init__, "
+        "holding 13.87GB); the node had 22.62GB of 23.54GB in use"
+    )
+    assert "sdft-ray memory" in line and "train.micro_batch_size" in line and "\n" not in line
+    assert memory_kill(RuntimeError("some other failure")) is None
+    # the driver's own error for a dead trainer carries the memory kill as its cause: the CLI prints the kill
+    err = ActorFailure("trainer rank(s) [0] died at step 2 (OutOfMemoryError)")
+    err.__cause__ = ray.exceptions.OutOfMemoryError(RAY_OOM)
+    from sdft_ray import cli
+
+    assert cli.report_failure(err) == "error: " + line
