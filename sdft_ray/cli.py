@@ -90,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     _job_args(tg)
     tg.add_argument("--data", nargs="+", required=True, metavar="FILE=SCORER", help="eval files and their scorers")
+    tg.add_argument("--samples", type=int, default=4, help="samples per example at the rollout temperature")
     mt = sub.add_parser("make-tasks", help="write the SmolLM2-scale tasks (tool use, answer tags) and probes")
     mt.add_argument("--out", default="data/smol")
     mt.add_argument("--seed", type=int, default=0)
@@ -211,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
             for path, scorer in pairs:
                 if scorer not in SCORERS:
                     raise ConfigError(f"--data {path}={scorer}: unknown scorer; choose one of {', '.join(SCORERS)}")
-            _print(teacher_gap(cfg, pairs))
+            _print(teacher_gap(cfg, pairs, args.samples))
         elif args.cmd == "bench":
             from sdft_ray.bench import run_bench
 

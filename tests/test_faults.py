@@ -131,10 +131,11 @@ def test_trainer_killed_fails_fast_with_resume_hint(tiny, ray_cluster, tmp_path:
     def kill_trainer(d: SDFTDriver) -> None:
         os.kill(ray.get(d.trainers[0].pid.remote()), signal.SIGKILL)
 
-    t0 = time.time()
     res = _run_with(tiny, tmp_path, kill_trainer, train__steps=200, rollout__max_new_tokens=24)
     assert isinstance(res.get("error"), ActorFailure), res
-    assert "train.resume=auto" in str(res["error"]) and time.time() - t0 < 120
+    # fast: the death itself was seen (not a call that ran into pipeline.call_timeout_s), and the run went no further
+    assert "trainer rank(s) [0] died" in str(res["error"]) and "no answer within" not in str(res["error"])
+    assert "train.resume=auto" in str(res["error"])
 
 
 def test_call_timeout_is_an_error_not_a_hang(tiny, ray_cluster, tmp_path: Path) -> None:
