@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from sdft_ray.config import Config
-from sdft_ray.modeling import resolve_dtype, stop_token_ids
+from sdft_ray.modeling import resolve_dtype, shared_prefix_len, stop_token_ids
 from sdft_ray.weight_sync import Bucket, Meta, WeightSyncError, combine_digests, tensor_digests
 
 _ALIGN = 16  # every tensor starts at a 16-byte offset so any dtype can be viewed out of the byte buffer
@@ -201,15 +201,6 @@ class WeightReceiver:
 _WARM_PREFIX_TOKENS = 64  # a few KV blocks: below that, one extra prefill costs more than it saves
 
 
-def _shared_prefix_len(prompts: list[list[int]]) -> int:
-    n = min(len(p) for p in prompts)
-    first = prompts[0]
-    for i in range(n):
-        if any(p[i] != first[i] for p in prompts[1:]):
-            return i
-    return n
-
-
 class VLLMGenerator:
     """A vLLM ``LLM`` engine behind the same interface as ``HFGenerator``."""
 
@@ -264,7 +255,7 @@ class VLLMGenerator:
             )
             for s in seeds
         ]
-        if len(prompts) > 1 and _shared_prefix_len(prompts) >= _WARM_PREFIX_TOKENS:
+        if len(prompts) > 1 and shared_prefix_len(prompts) >= _WARM_PREFIX_TOKENS:
             # vLLM caches KV by prompt block, but requests scheduled in the same step cannot reuse each other's:
             # prefill one prompt first, so the rest find the shared prefix (a tool list, a system prompt) cached.
             # A one-token greedy request: it draws no random numbers and changes no other request's sampling.
