@@ -46,8 +46,9 @@ def run_job(overrides: list[str], steps: int = 4) -> dict[str, Any]:
     """A short SDFT job through the real driver; returns its summary, per-step metrics and per-role memory."""
     import ray
 
+    from sdft_ray.cluster import init_ray
     from sdft_ray.config import load_config
-    from sdft_ray.driver import SDFTDriver, init_ray
+    from sdft_ray.driver import SDFTDriver
 
     init_ray()
     cfg = load_config(None, [*overrides, f"train.steps={steps}", "train.overwrite=true", "logging.progress_bar=false"])
@@ -90,9 +91,9 @@ def check_generation(model: str) -> dict[str, Any]:
     import torch.nn.functional as F
 
     from actors.rollout import RolloutWorker
+    from sdft_ray.cluster import init_ray
     from sdft_ray.config import load_config
     from sdft_ray.data import encode_prompt
-    from sdft_ray.driver import init_ray
     from sdft_ray.modeling import completion_logits, load_model, load_tokenizer
 
     init_ray()

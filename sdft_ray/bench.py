@@ -24,7 +24,8 @@ STAGES = ("rollout_s", "teacher_s", "train_s", "ema_s", "weight_sync_s")
 def _ours(cfg: Config, steps: int) -> dict[str, Any]:
     import ray
 
-    from sdft_ray.driver import SDFTDriver, init_ray
+    from sdft_ray.cluster import init_ray
+    from sdft_ray.driver import SDFTDriver
 
     init_ray()
     c = copy.deepcopy(cfg)

@@ -79,7 +79,8 @@ def run_continual(
 ) -> dict[str, Any]:
     """``start``: the starting model's scores when already known (greedy scoring of the same model and eval
     sets gives the same numbers, so a multi-seed comparison scores the base model once)."""
-    from sdft_ray.driver import init_ray, train
+    from sdft_ray.cluster import init_ray
+    from sdft_ray.driver import train
 
     cfg = load_config(config, overrides)
     if not cfg.continual.stages:

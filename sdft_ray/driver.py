@@ -20,123 +20,16 @@ from pathlib import Path
 from typing import Any
 
 from sdft_ray import checkpoint as ckpt
+from sdft_ray.cluster import ActorGroup, actor_runtime_env, check_resources, init_ray, is_dead, trainer_bundles
 from sdft_ray.config import Config
 from sdft_ray.data import LoadReport, PromptSampler, load_examples, tokenize_examples
 from sdft_ray.ds_config import samples_per_step
-from sdft_ray.errors import ActorFailure, CheckpointError, stop_on_sigterm
+from sdft_ray.errors import ActorFailure, CheckpointError, WeightSyncError, WeightSyncTimeout
 from sdft_ray.metrics import MetricsLogger
 from sdft_ray.modeling import load_tokenizer
-from sdft_ray.network import free_address, is_loopback, ray_on_loopback
+from sdft_ray.network import free_address
 
 log = logging.getLogger(__name__)
-
-
-def init_ray(num_cpus: int | None = None) -> None:
-    """Join the cluster of a `ray job submit` (RAY_ADDRESS) or start a private local one."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"])
-    else:
-        # No dashboard, and every Ray process listening on 127.0.0.1 only: a laptop run must not listen on
-        # the network.
-        ray_on_loopback()
-        ray.init(num_cpus=num_cpus, include_dashboard=False)
-        if not is_loopback(ray.util.get_node_ip_address()):
-            log.warning("sdft-ray: this Ray version listens on the network even for a local run")
-    stop_on_sigterm()  # ray.init installed its own SIGTERM handler, which aborts without stopping our actors
-
-
-def actor_runtime_env(threads: int) -> dict[str, Any]:
-    """Environment of every actor: its thread budget, and no per-actor library load bars on the console."""
-    return {
-        "env_vars": {
-            "TOKENIZERS_PARALLELISM": "false",
-            "OMP_NUM_THREADS": str(threads),
-            "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-            "TRANSFORMERS_VERBOSITY": "error",
-            # Tensors of 1 MB and more get their own mapping and go back to the OS when freed. glibc's default
-            # threshold rises after the first large free, after which activations come from the heap and are
-            # kept: a 0.5B trainer on CPU then grew by ~1 GB per step until Ray's memory monitor killed it.
-            "MALLOC_MMAP_THRESHOLD_": str(1 << 20),
-        }
-    }
-
-
-@dataclass
-class ActorGroup:
-    """N actors of one role, restartable one by one."""
-
-    cls: Any
-    options: dict[str, Any]
-    args: tuple = ()
-    per_actor_args: list[tuple] = field(default_factory=list)
-    actors: list[Any] = field(default_factory=list)
-    restarts: int = 0
-
-    def start(self, n: int) -> ActorGroup:
-        import ray
-
-        remote_cls = ray.remote(self.cls)
-        self._remote = remote_cls
-        self.actors = [
-            remote_cls.options(**self.options).remote(
-                *self.args, *(self.per_actor_args[i] if self.per_actor_args else ())
-            )
-            for i in range(n)
-        ]
-        return self
-
-    def restart(self, i: int) -> Any:
-        import ray
-
-        ray.kill(self.actors[i], no_restart=True)
-        extra = self.per_actor_args[i] if self.per_actor_args else ()
-        self.actors[i] = self._remote.options(**self.options).remote(*self.args, *extra)
-        self.restarts += 1
-        return self.actors[i]
-
-    def dead(self) -> list[int]:
-        return [i for i, a in enumerate(self.actors) if _is_dead(a)]
-
-
-def trainer_bundles(cfg: Config) -> list[dict[str, float]]:
-    """The trainers' placement group: one bundle per rank.
-
-    With CUDA IPC the engine must sit on trainer 0's GPU, the only one its memory handles open on, so bundle 0
-    holds the engine too (as OpenRLHF's hybrid engine shares bundles); left to Ray, a node with several GPUs
-    may put the engine on another one.
-    """
-    t, r = cfg.train, cfg.rollout
-    bundles = [{"CPU": t.num_cpus, **({"GPU": t.num_gpus} if t.num_gpus else {})} for _ in range(t.num_trainers)]
-    if cfg.weight_transport == "ipc" and cfg.runs_rollout_engines:
-        bundles[0] = {"CPU": t.num_cpus + r.num_cpus, "GPU": t.num_gpus + r.num_gpus}
-    return bundles
-
-
-def check_resources(cfg: Config, cluster: dict[str, float]) -> None:
-    """Fail in seconds, naming the settings, when the job asks for more CPUs/GPUs than the cluster has in all.
-
-    Without this, Ray waits for resources that will never appear and the job dies at pipeline.call_timeout_s.
-    """
-    t, r, te = cfg.train, cfg.rollout, cfg.teacher
-    # (role, actors, CPUs each, GPUs each), for the roles start_actors() starts
-    roles = [("train", t.num_trainers, t.num_cpus, t.num_gpus)]
-    if cfg.runs_rollout_engines:
-        roles.append(("rollout", r.num_engines, r.num_cpus, r.num_gpus))
-    if cfg.runs_teacher_actors:
-        roles.append(("teacher", te.num_actors, te.num_cpus, te.num_gpus))
-    for kind, col in (("CPU", 2), ("GPU", 3)):
-        amount = sum(role[1] * role[col] for role in roles)
-        have = cluster.get(kind, 0.0)
-        if amount > have + 1e-9:
-            parts = ", ".join(f"{role[0]}: {role[1]} x {role[col]}" for role in roles)
-            raise ActorFailure(
-                f"the job needs {amount:g} {kind}s ({parts}) but the Ray cluster has {have:g}; "
-                f"lower the num_{kind.lower()}s settings or add nodes"
-            )
 
 
 @dataclass
@@ -251,15 +144,17 @@ class SDFTDriver:
             ray.util.remove_placement_group(self.trainer_pg)
             self.trainer_pg = None
 
-    def _get(self, refs: Any, what: str, timeout: float | None = None) -> Any:
+    def _get(self, refs: Any, what: str, timeout: float | None = None, error: type = ActorFailure) -> Any:
+        """ray.get with a deadline; a timeout raises ``error`` (WeightSyncTimeout for syncs, which recover)."""
         import ray
 
         timeout = timeout or self.cfg.pipeline.call_timeout_s
         try:
             return ray.get(refs, timeout=timeout)
         except ray.exceptions.GetTimeoutError:
-            raise ActorFailure(
-                f"{what}: no answer within {timeout:.0f}s (pipeline.call_timeout_s); the run stops instead of hanging"
+            setting = "pipeline.sync_timeout_s" if error is WeightSyncTimeout else "pipeline.call_timeout_s"
+            raise error(
+                f"{what}: no answer within {timeout:.0f}s ({setting}); the run stops instead of hanging"
             ) from None
 
     # ------------------------------------------------------------ weights
@@ -305,7 +200,7 @@ class SDFTDriver:
             acks = [a.receive_bucket.remote(published[0], i == n - 1, self.version) for a in receivers]
             inflight.append(published[1:] + acks)
             while p.sync_inflight_buckets and len(inflight) > p.sync_inflight_buckets:
-                self._get(inflight.popleft(), "weight sync", p.sync_timeout_s)
+                self._get(inflight.popleft(), "weight sync", p.sync_timeout_s, WeightSyncTimeout)
         # the tail (or everything, unbounded) is waited for in wait_syncs; += : GPU syncs may have queued some
         self.pending_syncs += [ref for refs in inflight for ref in refs]
 
@@ -325,6 +220,7 @@ class SDFTDriver:
                 [e.receive_ipc.remote(handles, meta) for e in engines],
                 "ipc weight sync",
                 self.cfg.pipeline.sync_timeout_s,
+                WeightSyncTimeout,
             )
         self._get([tr.ipc_done.remote() for tr in self.trainers], "ipc weight sync")
         self._get([e.finish_update.remote(self.version) for e in engines], "ipc weight sync")
@@ -339,18 +235,16 @@ class SDFTDriver:
             e.init_weight_group.remote(host, port, 1 + i * r.tensor_parallel_size, world)
             for i, e in enumerate(self.rollouts.actors)
         ]
-        self._get(refs, "NCCL weight group setup", self.cfg.pipeline.sync_timeout_s)
+        self._get(refs, "NCCL weight group setup", self.cfg.pipeline.sync_timeout_s, WeightSyncTimeout)
 
     def wait_syncs(self) -> None:
         """Block until the last sync landed; with verify_weight_checksums, prove receivers equal the trainer."""
-        from sdft_ray.weight_sync import WeightSyncError
-
         if not self.pending_syncs:
             return
         p = self.cfg.pipeline
-        done = self._get(self.pending_syncs, "weight sync", p.sync_timeout_s + p.call_timeout_s)
+        done = self._get(self.pending_syncs, "weight sync", p.sync_timeout_s + p.call_timeout_s, WeightSyncTimeout)
         if self.pending_sends:
-            self._get(self.pending_sends, "weight send", p.sync_timeout_s)
+            self._get(self.pending_sends, "weight send", p.sync_timeout_s, WeightSyncTimeout)
             self.pending_sends = []
         self.last_sync_s = max((d["seconds"] for d in done if d), default=0.0)  # publish_bucket on ranks > 0: None
         self.pending_syncs = []
@@ -420,7 +314,7 @@ class SDFTDriver:
     # ------------------------------------------------------------ faults
     def recover(self, batch_queue: deque[InFlight], err: Exception) -> None:
         """A step failed: restart dead rollout/teacher actors, resend weights, relaunch in-flight rollouts."""
-        dead_trainers = [i for i, a in enumerate(self.trainers) if _is_dead(a)]
+        dead_trainers = [i for i, a in enumerate(self.trainers) if is_dead(a)]
         if dead_trainers:
             raise ActorFailure(
                 f"trainer rank(s) {dead_trainers} died at step {self.step} ({type(err).__name__}). Trainer state is "
@@ -519,16 +413,17 @@ class SDFTDriver:
                     [tr.train_step.remote(batch.rollout_refs, batch.teacher_refs) for tr in self.trainers],
                     f"train step {self.step}",
                 )
-            except (ray.exceptions.RayError, ActorFailure) as err:
-                if isinstance(err, ActorFailure) and "weight sync" not in str(err):
-                    raise
+            except (ray.exceptions.RayError, WeightSyncTimeout) as err:  # other ActorFailures (timeouts) stop
                 self.recover(queue, err)
                 continue
             self.done_with(queue.popleft())
             self.step += 1
             self.version = results[0]["version"]
             if self.rollouts is not None and cfg.train.algo == "sdft":
-                self.sync_weights()
+                try:  # a bounded sync blocks on its receivers, so a death here is met here, not in the next step
+                    self.sync_weights()
+                except (ray.exceptions.RayError, WeightSyncTimeout) as err:
+                    self.recover(queue, err)  # resends this version to the restarted engine
             last = self._step_metrics(results, time.perf_counter() - t0)
             if self.step % cfg.logging.log_every == 0 or self.step == self.total_steps:
                 self.logger.log(self.step, last)
@@ -582,16 +477,6 @@ class SDFTDriver:
         m["tokens_per_s"] = m["tokens"] / max(wall, 1e-9)
         m["samples"] = samples_per_step(self.cfg)
         return m
-
-
-def _is_dead(actor: Any) -> bool:
-    import ray
-
-    try:
-        ray.get(actor.pid.remote(), timeout=30)
-        return False
-    except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-        return True
 
 
 def train(cfg: Config) -> dict[str, Any]:

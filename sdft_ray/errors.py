@@ -51,8 +51,12 @@ class ActorFailure(RuntimeError):
     """An actor died or a remote call timed out and the run cannot continue; the message says what to do."""
 
 
+class WeightSyncTimeout(ActorFailure):
+    """A receiver did not take a weight bucket within pipeline.sync_timeout_s: the driver restarts dead engines."""
+
+
 class WeightSyncError(RuntimeError):
-    """A weight transfer timed out or arrived corrupted. The run must not go on with unknown weights."""
+    """Weights arrived corrupted or incomplete. The run must not go on with unknown weights."""
 
 
 class NonFiniteLossError(RuntimeError):

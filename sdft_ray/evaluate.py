@@ -144,7 +144,7 @@ def rollout_engines(cfg: Config, model_path: str | None = None) -> Iterator[list
     import ray
 
     from actors.rollout import RolloutWorker
-    from sdft_ray.driver import actor_runtime_env, init_ray
+    from sdft_ray.cluster import actor_runtime_env, init_ray
 
     init_ray()
     c = copy.deepcopy(cfg)

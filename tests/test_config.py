@@ -105,7 +105,7 @@ def test_extends_reads_the_parent_then_overrides(tmp_path: Path) -> None:
 def test_ipc_engine_shares_trainer_zeros_gpu_bundle() -> None:
     """Review §9: only trainer 0's CUDA IPC handles are shipped, so the engine is placed in trainer 0's bundle and
     layouts the handles cannot serve are refused up front."""
-    from sdft_ray.driver import trainer_bundles
+    from sdft_ray.cluster import trainer_bundles
 
     h200 = load_config("configs/single_h200.yaml")
     assert h200.weight_transport == "ipc"

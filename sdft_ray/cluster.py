@@ -1,0 +1,137 @@
+"""Starting and watching actors on a Ray cluster: joining it, placing trainers, restartable actor groups.
+
+The driver's loop lives in driver.py; this is the start-up and liveness code it and the eval/bench entry
+points share.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from sdft_ray.config import Config
+from sdft_ray.errors import ActorFailure, stop_on_sigterm
+from sdft_ray.network import is_loopback, ray_on_loopback
+
+log = logging.getLogger(__name__)
+
+
+def init_ray(num_cpus: int | None = None) -> None:
+    """Join the cluster of a `ray job submit` (RAY_ADDRESS) or start a private local one."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"])
+    else:
+        # No dashboard, and every Ray process listening on 127.0.0.1 only: a laptop run must not listen on
+        # the network.
+        ray_on_loopback()
+        ray.init(num_cpus=num_cpus, include_dashboard=False)
+        if not is_loopback(ray.util.get_node_ip_address()):
+            log.warning("sdft-ray: this Ray version listens on the network even for a local run")
+    stop_on_sigterm()  # ray.init installed its own SIGTERM handler, which aborts without stopping our actors
+
+
+def actor_runtime_env(threads: int) -> dict[str, Any]:
+    """Environment of every actor: its thread budget, and no per-actor library load bars on the console."""
+    return {
+        "env_vars": {
+            "TOKENIZERS_PARALLELISM": "false",
+            "OMP_NUM_THREADS": str(threads),
+            "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+            "TRANSFORMERS_VERBOSITY": "error",
+            # Tensors of 1 MB and more get their own mapping and go back to the OS when freed. glibc's default
+            # threshold rises after the first large free, after which activations come from the heap and are
+            # kept: a 0.5B trainer on CPU then grew by ~1 GB per step until Ray's memory monitor killed it.
+            "MALLOC_MMAP_THRESHOLD_": str(1 << 20),
+        }
+    }
+
+
+@dataclass
+class ActorGroup:
+    """N actors of one role, restartable one by one."""
+
+    cls: Any
+    options: dict[str, Any]
+    args: tuple = ()
+    per_actor_args: list[tuple] = field(default_factory=list)
+    actors: list[Any] = field(default_factory=list)
+    restarts: int = 0
+
+    def start(self, n: int) -> ActorGroup:
+        import ray
+
+        remote_cls = ray.remote(self.cls)
+        self._remote = remote_cls
+        self.actors = [
+            remote_cls.options(**self.options).remote(
+                *self.args, *(self.per_actor_args[i] if self.per_actor_args else ())
+            )
+            for i in range(n)
+        ]
+        return self
+
+    def restart(self, i: int) -> Any:
+        import ray
+
+        ray.kill(self.actors[i], no_restart=True)
+        extra = self.per_actor_args[i] if self.per_actor_args else ()
+        self.actors[i] = self._remote.options(**self.options).remote(*self.args, *extra)
+        self.restarts += 1
+        return self.actors[i]
+
+    def dead(self) -> list[int]:
+        return [i for i, a in enumerate(self.actors) if is_dead(a)]
+
+
+def trainer_bundles(cfg: Config) -> list[dict[str, float]]:
+    """The trainers' placement group: one bundle per rank.
+
+    With CUDA IPC the engine must sit on trainer 0's GPU, the only one its memory handles open on, so bundle 0
+    holds the engine too (as OpenRLHF's hybrid engine shares bundles); left to Ray, a node with several GPUs
+    may put the engine on another one.
+    """
+    t, r = cfg.train, cfg.rollout
+    bundles = [{"CPU": t.num_cpus, **({"GPU": t.num_gpus} if t.num_gpus else {})} for _ in range(t.num_trainers)]
+    if cfg.weight_transport == "ipc" and cfg.runs_rollout_engines:
+        bundles[0] = {"CPU": t.num_cpus + r.num_cpus, "GPU": t.num_gpus + r.num_gpus}
+    return bundles
+
+
+def check_resources(cfg: Config, cluster: dict[str, float]) -> None:
+    """Fail in seconds, naming the settings, when the job asks for more CPUs/GPUs than the cluster has in all.
+
+    Without this, Ray waits for resources that will never appear and the job dies at pipeline.call_timeout_s.
+    """
+    t, r, te = cfg.train, cfg.rollout, cfg.teacher
+    # (role, actors, CPUs each, GPUs each), for the roles start_actors() starts
+    roles = [("train", t.num_trainers, t.num_cpus, t.num_gpus)]
+    if cfg.runs_rollout_engines:
+        roles.append(("rollout", r.num_engines, r.num_cpus, r.num_gpus))
+    if cfg.runs_teacher_actors:
+        roles.append(("teacher", te.num_actors, te.num_cpus, te.num_gpus))
+    for kind, col in (("CPU", 2), ("GPU", 3)):
+        amount = sum(role[1] * role[col] for role in roles)
+        have = cluster.get(kind, 0.0)
+        if amount > have + 1e-9:
+            parts = ", ".join(f"{role[0]}: {role[1]} x {role[col]}" for role in roles)
+            raise ActorFailure(
+                f"the job needs {amount:g} {kind}s ({parts}) but the Ray cluster has {have:g}; "
+                f"lower the num_{kind.lower()}s settings or add nodes"
+            )
+
+
+def is_dead(actor: Any) -> bool:
+    """Whether an actor no longer answers (died, or hangs past 30 s)."""
+    import ray
+
+    try:
+        ray.get(actor.pid.remote(), timeout=30)
+        return False
+    except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+        return True
