@@ -317,6 +317,10 @@ class StudentTrainer(ActorProcess):
             "tokens": tokens,
             "completion_len": sum(len(m.get("completion_ids", m.get("demonstration_ids", []))) for m in mine)
             / max(1, len(mine)),
+            # the share of completions cut at rollout.max_new_tokens: a rising value is a model that stopped ending
+            "clipped_ratio": sum(len(m.get("completion_ids", ())) >= self.cfg.rollout.max_new_tokens for m in mine)
+            / max(1, len(mine)),
+            "completions": self._samples(mine),
             "skipped_step": int(bad),
             "lag_mean": sum(lag) / max(1, len(lag)),
             "lag_max": max(lag) if lag else 0,
@@ -326,6 +330,20 @@ class StudentTrainer(ActorProcess):
             "ema_s": time.perf_counter() - t1,
             "version": self.version,
         }
+
+    def _samples(self, mine: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The first ``logging.log_completions`` completions this step trained on, decoded (special tokens kept,
+        so a missing end-of-turn shows), for completions.jsonl: what TRL's log_completions shows."""
+        n = self.cfg.logging.log_completions if self.cfg.train.algo == "sdft" else 0
+        return [
+            {
+                "uid": m["uid"],
+                "index": m.get("index"),
+                "tokens": len(m["completion_ids"]),
+                "text": self.tokenizer.decode(m["completion_ids"], skip_special_tokens=False),
+            }
+            for m in mine[:n]
+        ]
 
     def _zero3_reset_trace(self) -> None:
         """What the top module's forward pre-hook does under ZeRO-3, which our forward never triggers.

@@ -156,6 +156,7 @@ class LoggingConfig:
     run_name: str = ""
     log_every: int = 1
     progress_bar: bool = True
+    log_completions: int = 0  # per step, this many of trainer 0's completions go to completions.jsonl (SDFT)
 
 
 @dataclass
@@ -424,6 +425,7 @@ def validate(cfg: Config) -> None:
         "data.train is required (json/jsonl/parquet file, save_to_disk folder or hub name)",
     )
     need(t.batch_size > 0 and t.micro_batch_size > 0, "train.batch_size and train.micro_batch_size must be > 0")
+    need(cfg.logging.log_completions >= 0, "logging.log_completions must be >= 0")
     per_rank = t.batch_size * (r.num_rollouts if t.algo == "sdft" else 1)
     need(
         per_rank % (t.micro_batch_size * t.num_trainers) == 0,

@@ -467,8 +467,9 @@ class SDFTDriver:
 
     def _step_metrics(self, results: list[dict[str, Any]], wall: float) -> dict[str, Any]:
         m = dict(results[0])
+        self.logger.completions(self.step, m.pop("completions", []))
         if len(results) > 1:
-            for k in ("loss", "kl", "importance_weight", "lag_mean", "completion_len"):
+            for k in ("loss", "kl", "importance_weight", "lag_mean", "completion_len", "clipped_ratio"):
                 m[k] = sum(r[k] for r in results) / len(results)
             m["tokens"] = sum(r["tokens"] for r in results)
         m["step_s"] = wall

@@ -79,6 +79,7 @@ def run(
     model_name: str = "qwen2.5-coder-0.5b-instruct",
     second: str | None = "answer_tag",
     wheels: str | None = None,
+    measure_gap: bool = True,
 ) -> dict:
     from sdft_ray.continual import compare_methods
     from sdft_ray.evaluate import teacher_gap
@@ -92,7 +93,10 @@ def run(
     over = [f"model.path={model}", f"data.train={data['tool_use_train']}", *(extra or [])]
     n_probes = _keep_probes(config, over, data["probes_eval"], root / "data" / "probes_kept.jsonl")
     gap_file = root / "teacher_gap.json"
-    if gap_file.is_file():  # measured once, before any training run; a rerun reuses it
+    gap: Any = None
+    if not measure_gap:  # already measured for this model and these tasks (docs/results.md)
+        pass
+    elif gap_file.is_file():  # measured once, before any training run; a rerun reuses it
         gap = json.loads(gap_file.read_text())
     else:
         gap_sets = [
@@ -153,6 +157,8 @@ if __name__ == "__main__":
     ap.add_argument("--wheels", help="folder with the model's wheels (offline)")
     ap.add_argument("--second", default="answer_tag", help="the second skill (a make-tasks task), or none")
     ap.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--no-gap", action="store_true", help="skip the teacher-gap table (measured before)")
     a = ap.parse_args()
-    run(a.out, a.seeds, a.config, a.extra, a.model, None if a.second == "none" else a.second, a.wheels)
+    second = None if a.second == "none" else a.second
+    run(a.out, a.seeds, a.config, a.extra, a.model, second, a.wheels, measure_gap=not a.no_gap)
     print((Path(a.out) / "results.md").read_text())

@@ -30,6 +30,7 @@ class MetricsLogger:
         self.out.mkdir(parents=True, exist_ok=True)
         # append: a resumed run continues the same file instead of replacing what was logged before
         self.file = open(self.out / name, "a", buffering=1)
+        self._completions: Any = None  # completions.jsonl, opened at the first sample
         self.wandb = None
         if cfg.logging.wandb != "disabled":
             import wandb
@@ -72,11 +73,22 @@ class MetricsLogger:
         elif self.lines_every and (step % self.lines_every == 0 or step == self.total):
             print(f"step {step}/{self.total} " + " ".join(f"{k}={v}" for k, v in shown.items()), flush=True)
 
+    def completions(self, step: int, rows: list[dict[str, Any]]) -> None:
+        """Sample completions of one step, one JSON line each, in completions.jsonl beside metrics.jsonl."""
+        if not rows:
+            return
+        if self._completions is None:
+            self._completions = open(self.out / "completions.jsonl", "a", buffering=1)
+        for r in rows:
+            self._completions.write(json.dumps({"step": step, **r}) + "\n")
+
     def event(self, kind: str, **fields: Any) -> None:
         """Non-step records (restarts, skips, checkpoints): same file, marked by ``event``."""
         self.file.write(json.dumps({"event": kind, **redact(fields)}) + "\n")
 
     def close(self) -> None:
+        if self._completions is not None:
+            self._completions.close()
         if self.bar is not None:
             self.bar.close()
         if self.wandb is not None:

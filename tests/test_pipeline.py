@@ -80,8 +80,15 @@ def test_sdft_loss_decreases_and_weights_reach_rollout_engine(tiny, ray_cluster,
 
 
 def test_strictly_on_policy_has_zero_lag(tiny, ray_cluster, tmp_path: Path) -> None:
-    _run(tiny, tmp_path, pipeline__max_staleness=0)
-    assert [r["lag_max"] for r in _rows(tmp_path)] == [0, 0, 0]
+    _run(tiny, tmp_path, pipeline__max_staleness=0, logging__log_completions=2, rollout__max_new_tokens=16)
+    rows = _rows(tmp_path)
+    assert [r["lag_max"] for r in rows] == [0, 0, 0]
+    # logged completions: 2 per step, the decoded text of what that step trained on
+    logged = [json.loads(x) for x in (tmp_path / "completions.jsonl").read_text().splitlines()]
+    assert [c["step"] for c in logged] == [1, 1, 2, 2, 3, 3]
+    assert all(c["text"] and 0 < c["tokens"] <= 16 for c in logged)
+    for r in rows:  # clipped_ratio: the share that ran into max_new_tokens, in [0, 1]
+        assert 0.0 <= r["clipped_ratio"] <= 1.0 and "completions" not in r
 
 
 def test_separate_teacher_topk_gets_ema_weights(tiny, ray_cluster, tmp_path: Path) -> None:
