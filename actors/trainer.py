@@ -212,7 +212,7 @@ class StudentTrainer(ActorProcess):
             top_k=lo.top_k,
             topk_support=lo.topk_support,
             topk_tail=lo.topk_tail,
-            rollout_logp=rollout_logp.to(dev) if self.cfg.importance_weighted else None,
+            rollout_logp=rollout_logp.to(dev) if self._compare_logprobs else None,
             skip_first=lo.skip_first_tokens,
             importance_clip=lo.importance_clip,
             **kwargs,
@@ -236,11 +236,18 @@ class StudentTrainer(ActorProcess):
             mask.to(dev),
             divergence_kind=lo.divergence,
             alpha=lo.jsd_alpha,
-            rollout_logp=rollout_logp.to(dev) if self.cfg.importance_weighted else None,
+            rollout_logp=rollout_logp.to(dev) if self._compare_logprobs else None,
             skip_first=lo.skip_first_tokens,
             importance_clip=lo.importance_clip,
             chunk_tokens=lo.chunk_tokens,
         )
+
+    @property
+    def _compare_logprobs(self) -> bool:
+        """Rollout log-probs go into the loss for the importance weight (clip 0 makes it 1) and the gap monitor;
+        not with generate_from_teacher: p_student(y|x) / p_engine(y|x, c) would be an off-policy ratio, not an
+        engine-numerics correction (official and TRL turn it off there)."""
+        return not self.cfg.rollout.generate_from_teacher
 
     def train_step(self, shards: list[Any], teacher_shards: list[Any] | None = None) -> dict[str, Any]:
         """One optimizer step on this rank's share of the batch; returns metrics (rank-local)."""
@@ -261,6 +268,7 @@ class StudentTrainer(ActorProcess):
         t0 = time.perf_counter()
         self.engine.train()
         losses, kls, weights, tokens, bad = [], [], [], 0, False
+        gap_sum, gap_max, clipped = 0.0, 0.0, 0
         grad_norm = float("nan")
         for i in range(self.gas):
             mb = mine[i * mbs : (i + 1) * mbs]
@@ -277,6 +285,7 @@ class StudentTrainer(ActorProcess):
                 kls.append(out.per_seq.mean().item())
                 weights.append(out.weights.mean().item())
                 tokens += out.tokens
+                gap_sum, gap_max, clipped = gap_sum + out.gap_sum, max(gap_max, out.gap_max), clipped + out.clipped
             self.engine.backward(loss)
             if i == self.gas - 1 and not bad and self.cfg.train.zero_stage == 0:
                 grad_norm = self._grad_norm()
@@ -312,6 +321,10 @@ class StudentTrainer(ActorProcess):
             # SFT's per-sequence loss is cross-entropy, not a KL: don't report it under that name
             "kl": sum(kls) / max(1, len(kls)) if self.cfg.train.algo == "sdft" else float("nan"),
             "importance_weight": sum(weights) / max(1, len(weights)),
+            # engine vs trainer log-probs of the sampled tokens: per-token mean and max |diff|, share over the clip
+            "logprob_gap": gap_sum / max(1, tokens),
+            "logprob_gap_max": gap_max,
+            "clipped_tokens": clipped / max(1, tokens),
             "grad_norm": grad_norm,
             "lr": self._lr(),
             "tokens": tokens,

@@ -224,3 +224,77 @@ def prepare_output(output_dir: str, resume: str, overwrite: bool) -> Path | None
 
 def read_driver_state(path: Path) -> dict[str, Any]:
     return json.loads((path / "driver_state.json").read_text())
+
+
+# Settings that change how a run executes but not what it computes: a resume may change them freely.
+# Everything else (model, data, algorithm, loss, teacher, batch, optimizer and schedule, sampling, seed) is the
+# run's math; changing it mid-run silently makes a different run.
+RESUME_SAFE = (
+    "train.output_dir",
+    "train.resume",
+    "train.overwrite",
+    "train.allow_config_change",
+    "train.save_every",
+    "train.keep_checkpoints",
+    "train.max_bad_steps",
+    "train.num_cpus",
+    "train.num_gpus",
+    "train.torch_threads",
+    "train.micro_batch_size",  # gradient accumulation keeps train.batch_size
+    "train.share_prompt_prefix",
+    "model.gradient_checkpointing",
+    "model.attn_implementation",
+    "rollout.backend",
+    "rollout.num_engines",
+    "rollout.tensor_parallel_size",
+    "rollout.gpu_memory_utilization",
+    "rollout.kv_cache_memory_gb",
+    "rollout.enable_sleep_mode",
+    "rollout.enforce_eager",
+    "rollout.num_cpus",
+    "rollout.num_gpus",
+    "rollout.torch_threads",
+    "teacher.placement",
+    "teacher.num_actors",
+    "teacher.num_cpus",
+    "teacher.num_gpus",
+    "teacher.torch_threads",
+    "loss.chunk_tokens",
+    "logging.",
+    "eval.",
+    "continual.",
+    "pipeline.sync_bucket_mb",
+    "pipeline.sync_inflight_buckets",
+    "pipeline.weight_transport",
+    "pipeline.sync_timeout_s",
+    "pipeline.call_timeout_s",
+    "pipeline.verify_weight_checksums",
+    "pipeline.max_actor_restarts",
+    "pipeline.max_logprob_gap",
+)
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """Keys whose value differs between a checkpoint's config and this run's: (safe, changing the math).
+
+    Each entry reads ``key: old -> new``. Lists compare as JSON (tuples and lists are the same setting).
+    """
+    a, b = _flatten(saved), _flatten(current)
+    safe, unsafe = [], []
+    for key in sorted(a.keys() | b.keys()):
+        old, new = a.get(key, "<absent>"), b.get(key, "<absent>")
+        if json.dumps(old, default=str) == json.dumps(new, default=str):
+            continue
+        entry = f"{key}: {old!r} -> {new!r}"
+        (safe if key.startswith(RESUME_SAFE) else unsafe).append(entry)
+    return safe, unsafe

@@ -133,6 +133,8 @@ class TrainConfig:
     keep_checkpoints: int = 2
     resume: str = ""  # "" = fresh | auto = newest complete checkpoint | a checkpoint folder
     overwrite: bool = False  # start over in an output_dir that already holds a run (deletes its checkpoints)
+    # resume even though settings that change the run's math differ from the checkpoint's (they are printed)
+    allow_config_change: bool = False
     max_bad_steps: int = 3  # abort after this many consecutive non-finite steps
 
 
@@ -151,6 +153,10 @@ class PipelineConfig:
     sync_timeout_s: float = 600.0
     call_timeout_s: float = 1800.0  # any remote call that could hang
     verify_weight_checksums: bool = False
+    # stop when on-policy samples' engine log-probs differ from the trainer's by more than this per token on
+    # average: the engine is not sampling from the trainer's weights (numerics alone: ~1e-3 fp32, ~0.02 bf16);
+    # 0 = only log it
+    max_logprob_gap: float = 0.15
     max_actor_restarts: int = 2
 
 
@@ -229,15 +235,6 @@ class Config:
     @property
     def runs_teacher_actors(self) -> bool:
         return self.train.algo == "sdft" and not self.teacher_colocated
-
-    @property
-    def importance_weighted(self) -> bool:
-        """The rollout-vs-trainer importance weight is on: clip > 0 and sampling from the student's own prompt.
-
-        With ``generate_from_teacher`` the ratio would be p_student(y|x) / p_engine(y|x, c), an off-policy ratio
-        rather than an engine-numerics correction; official and TRL turn it off there.
-        """
-        return self.loss.importance_clip > 0 and not self.rollout.generate_from_teacher
 
 
 def resolve_rollout_backend(cfg: Config) -> str:
@@ -477,6 +474,7 @@ def validate(cfg: Config) -> None:
     need(0.0 < r.top_p <= 1.0, "rollout.top_p must be in (0, 1]")
     need(r.max_new_tokens > 0 and r.num_engines >= 1 and r.num_rollouts >= 1, "rollout sizes must be >= 1")
     need(pl.max_staleness >= 0, "pipeline.max_staleness must be >= 0")
+    need(pl.max_logprob_gap >= 0, "pipeline.max_logprob_gap must be >= 0 (0 = only log the gap)")
     need(r.kv_cache_memory_gb >= 0, "rollout.kv_cache_memory_gb must be >= 0 (0 = automatic)")
     need(pl.sync_inflight_buckets >= 0, "pipeline.sync_inflight_buckets must be >= 0 (0 = no bound)")
     need(pl.sync_bucket_mb > 0 and pl.sync_timeout_s > 0, "pipeline.sync_bucket_mb/sync_timeout_s must be > 0")

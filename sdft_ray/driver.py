@@ -61,6 +61,8 @@ class SDFTDriver:
         self.last_sync_s = 0.0
         self.weights_verified = 0
         self.resume_from = ckpt.prepare_output(t.output_dir, t.resume, t.overwrite)  # before any actor starts
+        if self.resume_from is not None:
+            self.check_resume_config(self.resume_from)
         # set before any actor starts, so shutdown() after a failed start reports the failure, not itself
         self.rollouts: ActorGroup | None = None
         self.teachers: ActorGroup | None = None
@@ -346,6 +348,23 @@ class SDFTDriver:
         for s in steps:
             batch_queue.append(self.launch(s))
 
+    def check_logprob_gap(self, results: list[dict[str, Any]]) -> None:
+        """Stop when the engines did not sample from the trainer's weights (a sync that never arrived).
+
+        Only on-policy steps are judged: with staleness the lag itself legitimately widens the gap.
+        """
+        limit = self.cfg.pipeline.max_logprob_gap
+        if self.cfg.train.algo != "sdft" or not limit or any(r["lag_max"] for r in results):
+            return
+        gap = max(r["logprob_gap"] for r in results)
+        if gap > limit:
+            raise WeightSyncError(
+                f"step {self.step}: the rollout engine's log-probs of its own samples differ from the trainer's by "
+                f"{gap:.3f} per token (pipeline.max_logprob_gap={limit:g}): the engine is not sampling from the "
+                f"trainer's weights v{self.version - 1}. The run stops; train.resume=auto continues from the last "
+                "checkpoint"
+            )
+
     # ------------------------------------------------------------ checkpoints
     def save(self) -> None:
         tmp: Path | None = None
@@ -358,6 +377,7 @@ class SDFTDriver:
                 "sampler_position": self.step,
                 "total_steps": self.total_steps,
                 "time": time.time(),
+                "config": self.cfg.to_dict(),  # what a resume compares itself with
             }
             final = ckpt.finalize(tmp, self.step, state, self.cfg.train.keep_checkpoints)
         except Exception as e:
@@ -373,6 +393,23 @@ class SDFTDriver:
                 "Free space, then rerun with train.resume=auto"
             ) from None
         self.logger.event("checkpoint", step=self.step, path=str(final))
+
+    def check_resume_config(self, path: Path) -> None:
+        """Name every setting that differs from the checkpoint's; refuse those that change the run's math."""
+        saved = ckpt.read_driver_state(path).get("config")
+        if saved is None:
+            log.warning("sdft-ray: %s holds no config (an older checkpoint): resuming without comparing", path)
+            return
+        safe, unsafe = ckpt.config_changes(saved, self.cfg.to_dict())
+        if safe:
+            print(f"sdft-ray: resuming with changed settings: {'; '.join(safe)}", file=sys.stderr, flush=True)
+        if unsafe and not self.cfg.train.allow_config_change:
+            raise CheckpointError(
+                f"{path} was trained with other settings: {'; '.join(unsafe)}. Resuming would mix two runs; "
+                "use the checkpoint's settings, or add train.allow_config_change=true to resume anyway"
+            )
+        if unsafe:
+            print(f"sdft-ray: resuming with CHANGED run settings: {'; '.join(unsafe)}", file=sys.stderr, flush=True)
 
     def restore(self) -> None:
         path = self.resume_from
@@ -419,6 +456,7 @@ class SDFTDriver:
             self.done_with(queue.popleft())
             self.step += 1
             self.version = results[0]["version"]
+            self.check_logprob_gap(results)
             if self.rollouts is not None and cfg.train.algo == "sdft":
                 try:  # a bounded sync blocks on its receivers, so a death here is met here, not in the next step
                     self.sync_weights()
@@ -469,7 +507,7 @@ class SDFTDriver:
         m = dict(results[0])
         self.logger.completions(self.step, m.pop("completions", []))
         if len(results) > 1:
-            for k in ("loss", "kl", "importance_weight", "lag_mean", "completion_len", "clipped_ratio"):
+            for k in ("loss", "kl", "importance_weight", "lag_mean", "completion_len", "clipped_ratio", "logprob_gap"):
                 m[k] = sum(r[k] for r in results) / len(results)
             m["tokens"] = sum(r["tokens"] for r in results)
         m["step_s"] = wall

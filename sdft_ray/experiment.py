@@ -80,6 +80,7 @@ def run(
     second: str | None = "answer_tag",
     wheels: str | None = None,
     measure_gap: bool = True,
+    methods: tuple[str, ...] = ("sdft", "sft"),
 ) -> dict:
     from sdft_ray.continual import compare_methods
     from sdft_ray.evaluate import teacher_gap
@@ -124,6 +125,7 @@ def run(
         seeds,
         new,
         root,
+        algos=methods,
         transfer_tasks=("unseen_tools",),
         after_run=_keep_final_students,
     )
@@ -158,7 +160,8 @@ if __name__ == "__main__":
     ap.add_argument("--second", default="answer_tag", help="the second skill (a make-tasks task), or none")
     ap.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--no-gap", action="store_true", help="skip the teacher-gap table (measured before)")
+    ap.add_argument("--methods", nargs="+", default=["sdft", "sft"], choices=["sdft", "sft"])
     a = ap.parse_args()
     second = None if a.second == "none" else a.second
-    run(a.out, a.seeds, a.config, a.extra, a.model, second, a.wheels, measure_gap=not a.no_gap)
+    run(a.out, a.seeds, a.config, a.extra, a.model, second, a.wheels, not a.no_gap, tuple(a.methods))
     print((Path(a.out) / "results.md").read_text())

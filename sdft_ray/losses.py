@@ -121,6 +121,28 @@ class LossOutput:
     per_seq: torch.Tensor  # [B] unweighted sequence losses (detached)
     weights: torch.Tensor  # [B] importance weights
     tokens: int  # counted completion tokens
+    # engine vs trainer log-probs of the sampled tokens, over the counted tokens (when rollout log-probs are given)
+    gap_sum: float = 0.0  # sum of |logp_trainer - logp_rollout|
+    gap_max: float = 0.0
+    clipped: int = 0  # tokens whose ratio exp(logp_trainer - logp_rollout) exceeds the importance clip
+
+
+@torch.no_grad()
+def logprob_gap(
+    out: LossOutput, trainer_logp: torch.Tensor, rollout_logp: torch.Tensor, mask: torch.Tensor, clip: float
+) -> LossOutput:
+    """Fill in how far the engine's log-probs of its own samples are from the trainer's recompute.
+
+    Numerics alone keep this small (fp32 on CPU ~1e-3 per token, bf16 on GPU ~0.02); an engine that kept old
+    weights after a sync shows up as a jump (TRL #5312: 0.015 -> 0.201), whether or not checksums are on.
+    """
+    m = mask.bool()
+    diff = (trainer_logp.float() - rollout_logp.float())[m]
+    if diff.numel():
+        out.gap_sum = float(diff.abs().sum())
+        out.gap_max = float(diff.abs().max())
+        out.clipped = int((diff > math.log(clip)).sum()) if clip > 0 else 0
+    return out
 
 
 def reduce_loss(per_token: torch.Tensor, mask: torch.Tensor, weights: torch.Tensor | None = None) -> LossOutput:
@@ -182,10 +204,11 @@ def sdft_loss(
         per_token = sampled_token_reverse_kl(student_logp_tok, teacher_logp_tok.float())
     else:
         raise ValueError(f"unknown estimator {estimator!r}")
-    weights = None
-    if rollout_logp is not None:
-        weights = importance_weights(student_logp_tok.detach(), rollout_logp, mask, importance_clip)
-    return reduce_loss(per_token, mask, weights)
+    if rollout_logp is None:
+        return reduce_loss(per_token, mask)
+    weights = importance_weights(student_logp_tok.detach(), rollout_logp, mask, importance_clip)
+    out = reduce_loss(per_token, mask, weights)
+    return logprob_gap(out, student_logp_tok.detach(), rollout_logp, mask, importance_clip)
 
 
 def _chunk_terms(
@@ -251,10 +274,10 @@ def chunked_sdft_loss(
     if divs:
         per_token = per_token.masked_scatter(counted, torch.cat(divs))
         logp_tok = logp_tok.masked_scatter(counted, torch.cat(lps).detach())
-    weights = None
-    if rollout_logp is not None:
-        weights = importance_weights(logp_tok, rollout_logp, mask, importance_clip)
-    return reduce_loss(per_token, mask, weights)
+    if rollout_logp is None:
+        return reduce_loss(per_token, mask)
+    weights = importance_weights(logp_tok, rollout_logp, mask, importance_clip)
+    return logprob_gap(reduce_loss(per_token, mask, weights), logp_tok, rollout_logp, mask, importance_clip)
 
 
 def sft_loss(logits: torch.Tensor, target_ids: torch.Tensor, mask: torch.Tensor) -> LossOutput:

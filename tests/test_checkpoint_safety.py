@@ -119,3 +119,38 @@ def test_every_file_is_on_disk_before_the_marker(tmp_path: Path, monkeypatch) ->
     before = {Path(p).name for p in synced[:marker_at]}
     assert {"model.safetensors", "mp_rank_00_model_states.pt", "driver_state.json"} <= before
     assert final.name == "step-000006"
+
+
+def test_resume_refuses_settings_that_change_the_math(tiny, tmp_path: Path, capsys) -> None:
+    """A resume into a run with another lr/steps/batch would silently mix two runs; safe settings just print."""
+    from conftest import tiny_overrides
+
+    from sdft_ray.config import load_config
+    from sdft_ray.driver import SDFTDriver
+
+    out = tmp_path / "run"
+    first = load_config(None, tiny_overrides(tiny, out, train__steps=4))
+    tmp = ckpt.temp_dir(str(out), 4)
+    ckpt.finalize(tmp, 4, {"step": 4, "version": 4, "config": first.to_dict()}, keep=2)
+
+    changed = tiny_overrides(tiny, out, train__steps=8, train__lr=1e-4, train__resume="auto")
+    with pytest.raises(CheckpointError) as err:
+        SDFTDriver(load_config(None, changed))
+    msg = str(err.value)
+    assert "train.lr: 0.001 -> 0.0001" in msg and "train.steps: 4 -> 8" in msg
+    assert "train.allow_config_change=true" in msg
+
+    # what only changes how the run executes is allowed, and named
+    SDFTDriver(load_config(None, tiny_overrides(tiny, out, train__steps=4, train__resume="auto", logging__log_every=2)))
+    assert "logging.log_every: 1 -> 2" in capsys.readouterr().err
+    # the user may insist; the changes are still printed
+    SDFTDriver(load_config(None, [*changed, "train.allow_config_change=true"]))
+    assert "CHANGED run settings" in capsys.readouterr().err and "train.lr" not in ckpt.RESUME_SAFE
+
+
+def test_config_changes_splits_safe_from_math() -> None:
+    saved = {"train": {"lr": 1e-3, "save_every": 2, "adam_betas": [0.9, 0.999]}, "loss": {"divergence": "jsd"}}
+    now = {"train": {"lr": 1e-3, "save_every": 4, "adam_betas": (0.9, 0.999)}, "loss": {"divergence": "forward_kl"}}
+    safe, unsafe = ckpt.config_changes(saved, now)
+    assert safe == ["train.save_every: 2 -> 4"]  # a tuple equals the list JSON stored
+    assert unsafe == ["loss.divergence: 'jsd' -> 'forward_kl'"]

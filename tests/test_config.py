@@ -21,8 +21,6 @@ def test_defaults_are_the_papers() -> None:
     assert cfg.data.max_prompt_length == 1024 and cfg.teacher_colocated
     assert not cfg.model.trust_remote_code
     assert cfg.pipeline.max_staleness == 0  # on-policy, as the paper; the speed configs opt into 1
-    assert cfg.importance_weighted
-    assert not load_config(None, [*REQ, "rollout.generate_from_teacher=true"]).importance_weighted
 
 
 def test_warmup_counts_as_hf() -> None:

@@ -138,6 +138,39 @@ def test_trainer_killed_fails_fast_with_resume_hint(tiny, ray_cluster, tmp_path:
     assert "train.resume=auto" in str(res["error"])
 
 
+def test_engine_left_on_old_weights_stops_the_run(tiny, ray_cluster, tmp_path: Path) -> None:
+    """An engine that keeps sampling from old weights after a sync (TRL #5312) is caught with checksums off: the
+    trainer's recompute of the sampled tokens' log-probs drifts away from the engine's."""
+    from sdft_ray.errors import WeightSyncError
+
+    over = tiny_overrides(
+        tiny,
+        tmp_path,
+        train__steps=40,
+        train__lr_scheduler="constant",
+        train__warmup_ratio=0,
+        rollout__max_new_tokens=16,
+    )
+    d = SDFTDriver(load_config(None, over))
+    real_sync = d.sync_weights
+
+    def drop_syncs_after_the_first(*args, **kwargs) -> None:  # the test's own hook: shipped code always syncs
+        if d.step == 0:
+            real_sync(*args, **kwargs)
+
+    d.sync_weights = drop_syncs_after_the_first
+    try:
+        with pytest.raises(WeightSyncError, match="not sampling from the trainer's weights"):
+            d.run()
+    finally:
+        d.shutdown()
+    rows = [r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert rows[0]["logprob_gap"] < 0.01  # step 1: engine and trainer both hold the base weights
+    # the gap grew step by step, and the run stopped at the first step past the limit (never logged), not at the end
+    assert len(rows) < 39 and rows[-1]["logprob_gap"] > rows[0]["logprob_gap"]
+    assert all(r["logprob_gap"] <= 0.15 for r in rows)
+
+
 def test_call_timeout_is_an_error_not_a_hang(tiny, ray_cluster, tmp_path: Path) -> None:
     # 64 new tokens x 16 prompts cannot finish in 0.5 s on this CPU: the driver must give up loudly
     cfg = load_config(

@@ -89,6 +89,8 @@ def test_strictly_on_policy_has_zero_lag(tiny, ray_cluster, tmp_path: Path) -> N
     assert all(c["text"] and 0 < c["tokens"] <= 16 for c in logged)
     for r in rows:  # clipped_ratio: the share that ran into max_new_tokens, in [0, 1]
         assert 0.0 <= r["clipped_ratio"] <= 1.0 and "completions" not in r
+        # on-policy, same weights on both sides: engine and trainer log-probs agree up to numerics
+        assert r["logprob_gap"] < 1e-3 and r["logprob_gap_max"] < 1e-2, r
 
 
 def test_separate_teacher_topk_gets_ema_weights(tiny, ray_cluster, tmp_path: Path) -> None:
