@@ -184,10 +184,11 @@ def resolve_resume(resume: str, output_dir: str) -> Path | None:
     return path
 
 
-def prepare_output(output_dir: str, resume: str, overwrite: bool) -> Path | None:
+def prepare_output(output_dir: str, resume: str, overwrite: bool, dry_run: bool = False) -> Path | None:
     """Before a run: clear leftovers of killed writers, refuse to mix two runs in one folder, pick the resume.
 
-    Returns the checkpoint to resume from (None for a fresh start).
+    Returns the checkpoint to resume from (None for a fresh start). ``dry_run``: the same checks, nothing
+    created or deleted.
     """
     out = Path(output_dir)
     if not out.is_absolute() and os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):
@@ -197,16 +198,17 @@ def prepare_output(output_dir: str, resume: str, overwrite: bool) -> Path | None
             f"train.output_dir {output_dir} is relative, and under `ray job submit` that means Ray's temporary "
             "package cache; give an absolute path on a filesystem every node sees (train.output_dir=/shared/...)"
         )
-    try:  # a folder we can write to, found out now rather than at the first checkpoint
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        what = {17: "is a file", 20: "is under a file"}.get(e.errno or 0, f"is not writable ({e.strerror})")
-        raise CheckpointError(f"train.output_dir {out} {what}; choose a folder this job can write to") from None
+    if not dry_run:  # a folder we can write to, found out now rather than at the first checkpoint
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            probe = out / f".write-test-{os.getpid()}"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as e:
+            what = {17: "is a file", 20: "is under a file"}.get(e.errno or 0, f"is not writable ({e.strerror})")
+            raise CheckpointError(f"train.output_dir {out} {what}; choose a folder this job can write to") from None
     root = checkpoint_root(output_dir)
-    if root.is_dir():
+    if root.is_dir() and not dry_run:
         for tmp in root.glob(".tmp-*"):  # a writer killed mid-checkpoint; never marked complete
             shutil.rmtree(tmp, ignore_errors=True)
     previous = [p.name for p in (*complete_checkpoints(output_dir), out / "metrics.jsonl") if p.exists()]
@@ -217,8 +219,9 @@ def prepare_output(output_dir: str, resume: str, overwrite: bool) -> Path | None
                 "train.resume=auto, start over with train.overwrite=true (deletes its checkpoints and metrics), "
                 "or choose another train.output_dir"
             )
-        shutil.rmtree(root, ignore_errors=True)
-        (out / "metrics.jsonl").unlink(missing_ok=True)
+        if not dry_run:
+            shutil.rmtree(root, ignore_errors=True)
+            (out / "metrics.jsonl").unlink(missing_ok=True)
     return resolve_resume(resume, output_dir)
 
 

@@ -55,7 +55,13 @@ def check_torchvision() -> str | None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sdft-ray", description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
-    _job_args(sub.add_parser("train", help="run an SDFT (or train.algo=sft) job"))
+    tr = sub.add_parser("train", help="run an SDFT (or train.algo=sft) job")
+    _job_args(tr)
+    tr.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check config, data, model and output folder; print the plan; start nothing",
+    )
     ev = sub.add_parser("eval", help="score a model on an eval set through the rollout actors")
     _job_args(ev)
     ev.add_argument("--data", help="eval file (default: data.eval)")
@@ -192,7 +198,11 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 0
         cfg = load_config(args.config, args.overrides)
-        if args.cmd == "train":
+        if args.cmd == "train" and args.dry_run:
+            from sdft_ray.driver import SDFTDriver
+
+            _print(SDFTDriver(cfg, dry_run=True).plan())
+        elif args.cmd == "train":
             from sdft_ray.driver import train
 
             _print(train(cfg))

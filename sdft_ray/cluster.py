@@ -25,12 +25,13 @@ def init_ray(num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"])
+        ray.init(address=os.environ["RAY_ADDRESS"], logging_level=logging.WARNING)
     else:
         # No dashboard, and every Ray process listening on 127.0.0.1 only: a laptop run must not listen on
         # the network.
         ray_on_loopback()
-        ray.init(num_cpus=num_cpus, include_dashboard=False)
+        # WARNING: Ray's INFO lines ("Started a local Ray instance") are not the user's business on a console
+        ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
         if not is_loopback(ray.util.get_node_ip_address()):
             log.warning("sdft-ray: this Ray version listens on the network even for a local run")
     stop_on_sigterm()  # ray.init installed its own SIGTERM handler, which aborts without stopping our actors

@@ -42,7 +42,9 @@ class InFlight:
 
 
 class SDFTDriver:
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, dry_run: bool = False) -> None:
+        """Checks everything that can fail before a Ray actor starts: config, data, tokenizer, output folder,
+        resume point. ``dry_run``: the same checks without creating or deleting anything (see ``plan``)."""
         self.cfg = cfg
         self.tokenizer = load_tokenizer(cfg.model)
         self.report = LoadReport()
@@ -60,7 +62,7 @@ class SDFTDriver:
         self.pending_sends: list[Any] = []
         self.last_sync_s = 0.0
         self.weights_verified = 0
-        self.resume_from = ckpt.prepare_output(t.output_dir, t.resume, t.overwrite)  # before any actor starts
+        self.resume_from = ckpt.prepare_output(t.output_dir, t.resume, t.overwrite, dry_run)  # before any actor
         if self.resume_from is not None:
             self.check_resume_config(self.resume_from)
         # set before any actor starts, so shutdown() after a failed start reports the failure, not itself
@@ -68,6 +70,32 @@ class SDFTDriver:
         self.teachers: ActorGroup | None = None
         self.trainers: list[Any] = []
         self.trainer_pg: Any = None
+
+    def plan(self) -> dict[str, Any]:
+        """What ``run`` would do, for ``sdft-ray train --dry-run``: nothing is started, written or deleted."""
+        from sdft_ray.config import resolve_rollout_backend
+
+        cfg, t = self.cfg, self.cfg.train
+        start = int(ckpt.read_driver_state(self.resume_from)["step"]) if self.resume_from else 0
+        out: dict[str, Any] = {
+            "algo": t.algo,
+            "model": cfg.model.path,
+            "data": {"file": cfg.data.train, **vars(self.report)},
+            "steps": self.total_steps,
+            "start_step": start,
+            "resume_from": str(self.resume_from) if self.resume_from else None,
+            "samples_per_step": samples_per_step(cfg),
+            "rollout": f"{resolve_rollout_backend(cfg)} x {cfg.rollout.num_engines}"
+            if cfg.runs_rollout_engines
+            else None,
+            "teacher": f"{cfg.teacher.kind}, {'in the trainer' if cfg.teacher_colocated else 'separate actors'}",
+            "trainers": t.num_trainers,
+            "weight_transport": cfg.weight_transport,
+            "output_dir": t.output_dir,
+        }
+        if t.overwrite and self.resume_from is None and ckpt.complete_checkpoints(t.output_dir):
+            out["would_delete"] = str(ckpt.checkpoint_root(t.output_dir))
+        return out
 
     # ------------------------------------------------------------ actors
     def start_actors(self) -> None:

@@ -230,3 +230,21 @@ def test_a_memory_kill_is_one_line_naming_the_role(capsys) -> None:
     from sdft_ray import cli
 
     assert cli.report_failure(err) == "error: " + line
+
+
+def test_dry_run_checks_everything_and_touches_nothing(tiny, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    assert main(["train", "--dry-run", *tiny_overrides(tiny, out, train__steps=5)]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["steps"] == 5 and plan["samples_per_step"] == 4 and plan["data"]["records"] > 0
+    assert plan["rollout"] == "hf x 1" and plan["resume_from"] is None
+    assert not out.exists()  # no folder made, no Ray started
+    # bad input fails the dry run exactly as it would fail the run
+    assert main(["train", "--dry-run", *tiny_overrides(tiny, out, data__train=str(tmp_path / "none.jsonl"))]) == 2
+    # a folder that holds a run: the dry run says what overwrite would delete, and deletes nothing
+    tmp = ckpt.temp_dir(str(out), 2)
+    ckpt.finalize(tmp, 2, {"step": 2, "version": 2}, keep=2)
+    capsys.readouterr()
+    assert main(["train", "--dry-run", *tiny_overrides(tiny, out, train__overwrite="true")]) == 0
+    assert "would_delete" in json.loads(capsys.readouterr().out)
+    assert (out / "checkpoints" / "step-000002" / "COMPLETE").exists()
