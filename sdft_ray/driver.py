@@ -377,12 +377,21 @@ class SDFTDriver:
             batch_queue.append(self.launch(s))
 
     def check_logprob_gap(self, results: list[dict[str, Any]]) -> None:
-        """Stop when the engines did not sample from the trainer's weights (a sync that never arrived).
+        """Stop when the engines did not sample from the trainer's weights: a sync that never arrived (the
+        engine reports an old version) or one that arrived without its weights (the log-probs disagree).
 
-        Only on-policy steps are judged: with staleness the lag itself legitimately widens the gap.
+        The gap is judged on on-policy steps only: with staleness the lag itself legitimately widens it.
         """
-        limit = self.cfg.pipeline.max_logprob_gap
-        if self.cfg.train.algo != "sdft" or not limit or any(r["lag_max"] for r in results):
+        p = self.cfg.pipeline
+        lag = max(r["lag_max"] for r in results)
+        if lag > p.max_staleness:  # the engine says which version it sampled with: a sync never landed
+            raise WeightSyncError(
+                f"step {self.step}: rollouts were sampled with weights {lag} versions old (pipeline.max_staleness="
+                f"{p.max_staleness}): a weight sync did not reach the engine. The run stops; train.resume=auto "
+                "continues from the last checkpoint"
+            )
+        limit = p.max_logprob_gap
+        if self.cfg.train.algo != "sdft" or not limit or lag:
             return
         gap = max(r["logprob_gap"] for r in results)
         if gap > limit:

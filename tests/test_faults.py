@@ -143,6 +143,8 @@ def test_engine_left_on_old_weights_stops_the_run(tiny, ray_cluster, tmp_path: P
     trainer's recompute of the sampled tokens' log-probs drifts away from the engine's."""
     from sdft_ray.errors import WeightSyncError
 
+    # The random-init tiny model's stale-engine gap plateaus near 0.06 per token (its samples are near-uniform
+    # over a small vocabulary), under the 0.15 default meant for real models; with the same weights it is < 1e-3.
     over = tiny_overrides(
         tiny,
         tmp_path,
@@ -150,15 +152,23 @@ def test_engine_left_on_old_weights_stops_the_run(tiny, ray_cluster, tmp_path: P
         train__lr_scheduler="constant",
         train__warmup_ratio=0,
         rollout__max_new_tokens=16,
+        pipeline__max_logprob_gap=0.02,
     )
     d = SDFTDriver(load_config(None, over))
-    real_sync = d.sync_weights
+    real_stream, base_buckets = d._stream_buckets, []
 
-    def drop_syncs_after_the_first(*args, **kwargs) -> None:  # the test's own hook: shipped code always syncs
-        if d.step == 0:
-            real_sync(*args, **kwargs)
+    def resend_the_base_weights(which: str, receivers: list) -> None:  # the test's hook; shipped code is unchanged
+        if not base_buckets:  # the first sync: the base model, kept in the object store for the later ones
+            n = ray.get(d.trainers[0].num_buckets.remote(which))
+            base_buckets.extend(d.trainers[0].publish_bucket.remote(which, i) for i in range(n))
+            return real_stream(which, receivers)
+        # every later sync "arrives" (the engine records the new version) but carries the base weights
+        n = len(base_buckets)
+        ray.get(
+            [a.receive_bucket.remote(b, i == n - 1, d.version) for a in receivers for i, b in enumerate(base_buckets)]
+        )
 
-    d.sync_weights = drop_syncs_after_the_first
+    d._stream_buckets = resend_the_base_weights
     try:
         with pytest.raises(WeightSyncError, match="not sampling from the trainer's weights"):
             d.run()
@@ -166,9 +176,8 @@ def test_engine_left_on_old_weights_stops_the_run(tiny, ray_cluster, tmp_path: P
         d.shutdown()
     rows = [r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     assert rows[0]["logprob_gap"] < 0.01  # step 1: engine and trainer both hold the base weights
-    # the gap grew step by step, and the run stopped at the first step past the limit (never logged), not at the end
-    assert len(rows) < 39 and rows[-1]["logprob_gap"] > rows[0]["logprob_gap"]
-    assert all(r["logprob_gap"] <= 0.15 for r in rows)
+    # the run stopped at the first step past the limit (that step is not logged), not at the end
+    assert len(rows) < 39 and all(r["logprob_gap"] <= 0.02 for r in rows)
 
 
 def test_call_timeout_is_an_error_not_a_hang(tiny, ray_cluster, tmp_path: Path) -> None:
