@@ -232,11 +232,10 @@ def read_driver_state(path: Path) -> dict[str, Any]:
 # Settings that change how a run executes but not what it computes: a resume may change them freely.
 # Everything else (model, data, algorithm, loss, teacher, batch, optimizer and schedule, sampling, seed) is the
 # run's math; changing it mid-run silently makes a different run.
+# How this invocation starts, not what the run is: never compared.
+RESUME_IGNORED = ("train.resume", "train.overwrite", "train.allow_config_change")
 RESUME_SAFE = (
     "train.output_dir",
-    "train.resume",
-    "train.overwrite",
-    "train.allow_config_change",
     "train.save_every",
     "train.keep_checkpoints",
     "train.max_bad_steps",
@@ -296,7 +295,7 @@ def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> tuple[list
     safe, unsafe = [], []
     for key in sorted(a.keys() | b.keys()):
         old, new = a.get(key, "<absent>"), b.get(key, "<absent>")
-        if json.dumps(old, default=str) == json.dumps(new, default=str):
+        if key in RESUME_IGNORED or json.dumps(old, default=str) == json.dumps(new, default=str):
             continue
         entry = f"{key}: {old!r} -> {new!r}"
         (safe if key.startswith(RESUME_SAFE) else unsafe).append(entry)
