@@ -346,8 +346,9 @@ class StudentTrainer(ActorProcess):
 
     def _samples(self, mine: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """The first ``logging.log_completions`` completions this step trained on, decoded (special tokens kept,
-        so a missing end-of-turn shows), for completions.jsonl: what TRL's log_completions shows."""
-        n = self.cfg.logging.log_completions if self.cfg.train.algo == "sdft" else 0
+        so a missing end-of-turn shows), for completions.jsonl: what TRL's log_completions shows. Rank 0 only:
+        the driver logs rank 0's."""
+        n = self.cfg.logging.log_completions if self.cfg.train.algo == "sdft" and self.rank == 0 else 0
         return [
             {
                 "uid": m["uid"],

@@ -229,11 +229,11 @@ def read_driver_state(path: Path) -> dict[str, Any]:
     return json.loads((path / "driver_state.json").read_text())
 
 
+# How this invocation starts, not what the run is: never compared.
+RESUME_IGNORED = ("train.resume", "train.overwrite", "train.allow_config_change")
 # Settings that change how a run executes but not what it computes: a resume may change them freely.
 # Everything else (model, data, algorithm, loss, teacher, batch, optimizer and schedule, sampling, seed) is the
 # run's math; changing it mid-run silently makes a different run.
-# How this invocation starts, not what the run is: never compared.
-RESUME_IGNORED = ("train.resume", "train.overwrite", "train.allow_config_change")
 RESUME_SAFE = (
     "train.output_dir",
     "train.save_every",

@@ -185,7 +185,7 @@ class StageConfig:
     train: str = ""  # "" = evaluation-only task (e.g. an old skill that should not be forgotten)
     eval: str = ""
     steps: int = 0  # 0 = train.steps / epochs
-    scorer: Literal["", "exact", "answer_tag", "tool_use", "contains"] = ""  # "" = eval.scorer
+    scorer: Literal["", Scorer] = ""  # "" = eval.scorer
 
 
 @dataclass

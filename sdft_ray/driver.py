@@ -73,8 +73,6 @@ class SDFTDriver:
 
     def plan(self) -> dict[str, Any]:
         """What ``run`` would do, for ``sdft-ray train --dry-run``: nothing is started, written or deleted."""
-        from sdft_ray.config import resolve_rollout_backend
-
         cfg, t = self.cfg, self.cfg.train
         start = int(ckpt.read_driver_state(self.resume_from)["step"]) if self.resume_from else 0
         out: dict[str, Any] = {
@@ -85,9 +83,7 @@ class SDFTDriver:
             "start_step": start,
             "resume_from": str(self.resume_from) if self.resume_from else None,
             "samples_per_step": samples_per_step(cfg),
-            "rollout": f"{resolve_rollout_backend(cfg)} x {cfg.rollout.num_engines}"
-            if cfg.runs_rollout_engines
-            else None,
+            "rollout": f"{cfg.rollout.backend} x {cfg.rollout.num_engines}" if cfg.runs_rollout_engines else None,
             "teacher": f"{cfg.teacher.kind}, {'in the trainer' if cfg.teacher_colocated else 'separate actors'}",
             "trainers": t.num_trainers,
             "weight_transport": cfg.weight_transport,
@@ -376,7 +372,7 @@ class SDFTDriver:
         for s in steps:
             batch_queue.append(self.launch(s))
 
-    def check_logprob_gap(self, results: list[dict[str, Any]]) -> None:
+    def check_engine_weights(self, results: list[dict[str, Any]]) -> None:
         """Stop when the engines did not sample from the trainer's weights: a sync that never arrived (the
         engine reports an old version) or one that arrived without its weights (the log-probs disagree).
 
@@ -493,13 +489,14 @@ class SDFTDriver:
             self.done_with(queue.popleft())
             self.step += 1
             self.version = results[0]["version"]
-            self.check_logprob_gap(results)
+            self.check_engine_weights(results)
             if self.rollouts is not None and cfg.train.algo == "sdft":
                 try:  # a bounded sync blocks on its receivers, so a death here is met here, not in the next step
                     self.sync_weights()
                 except (ray.exceptions.RayError, WeightSyncTimeout) as err:
                     self.recover(queue, err)  # resends this version to the restarted engine
             last = self._step_metrics(results, time.perf_counter() - t0)
+            self.logger.completions(self.step, results[0]["completions"])
             if self.step % cfg.logging.log_every == 0 or self.step == self.total_steps:
                 self.logger.log(self.step, last)
             if cfg.train.save_every and self.step % cfg.train.save_every == 0 and self.step < self.total_steps:
@@ -541,8 +538,7 @@ class SDFTDriver:
         return {k: round(v, 2) for k, v in out.items()}
 
     def _step_metrics(self, results: list[dict[str, Any]], wall: float) -> dict[str, Any]:
-        m = dict(results[0])
-        self.logger.completions(self.step, m.pop("completions", []))
+        m = {k: v for k, v in results[0].items() if k != "completions"}
         if len(results) > 1:
             for k in ("loss", "kl", "importance_weight", "lag_mean", "completion_len", "clipped_ratio", "logprob_gap"):
                 m[k] = sum(r[k] for r in results) / len(results)

@@ -94,12 +94,10 @@ def run(
     over = [f"model.path={model}", f"data.train={data['tool_use_train']}", *(extra or [])]
     n_probes = _keep_probes(config, over, data["probes_eval"], root / "data" / "probes_kept.jsonl")
     gap_file = root / "teacher_gap.json"
-    gap: Any = None
-    if not measure_gap:  # already measured for this model and these tasks (docs/results.md)
-        pass
-    elif gap_file.is_file():  # measured once, before any training run; a rerun reuses it
+    gap: Any = None  # not measure_gap: already measured for this model and these tasks (docs/results.md)
+    if measure_gap and gap_file.is_file():  # measured once, before any training run; a rerun reuses it
         gap = json.loads(gap_file.read_text())
-    else:
+    elif measure_gap:
         gap_sets = [
             (data["tool_use_eval"], "tool_use"),
             (data["tool_use_unseen_eval"], "tool_use"),

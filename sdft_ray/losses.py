@@ -139,8 +139,8 @@ def logprob_gap(
     m = mask.bool()
     diff = (trainer_logp.float() - rollout_logp.float())[m]
     if diff.numel():
-        out.gap_sum = float(diff.abs().sum())
-        out.gap_max = float(diff.abs().max())
+        size = diff.abs()
+        out.gap_sum, out.gap_max = float(size.sum()), float(size.max())
         out.clipped = int((diff > math.log(clip)).sum()) if clip > 0 else 0
     return out
 

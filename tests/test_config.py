@@ -136,3 +136,13 @@ def test_progress_lines_show_only_what_the_run_has(tmp_path: Path, capsys) -> No
     assert lines == ["step 1/2 loss=1.5 tokens_per_s=10", "step 2/2 loss=1.25 kl=0.5 tokens_per_s=10"]
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
+
+
+def test_scorer_choices_are_the_scorers_that_exist() -> None:
+    """The config's Literal and evaluate.SCORERS must name the same scorers, or a valid config fails at eval."""
+    import typing
+
+    from sdft_ray.config import Scorer
+    from sdft_ray.evaluate import SCORERS
+
+    assert set(typing.get_args(Scorer)) == set(SCORERS)
