@@ -97,7 +97,7 @@ class StudentTrainer(ActorProcess):
         rank: int = 0,
         world_size: int = 1,
         master_addr: str = "127.0.0.1",
-        master_port: int = 29500,
+        master_port: int = 0,
     ) -> None:
         pin_visible_gpus()
         self.cfg = cfg = config_from_dict(cfg_dict)

@@ -121,9 +121,6 @@ class SDFTDriver:
                 ),
             }
 
-        addr, port = ray.get(
-            ray.remote(num_cpus=0)(free_address).options(**{**in_bundle(0), "num_cpus": 0, "num_gpus": 0}).remote()
-        )
         self.rollouts = None
         self.engine_load = [0] * r.num_engines
         if cfg.runs_rollout_engines:
@@ -137,6 +134,12 @@ class SDFTDriver:
                 # must not be allocating at the same time; the engines start, then sleep, then the trainer.
                 self._get([a.pid.remote() for a in self.rollouts.actors], "rollout startup")
                 self._get([a.sleep.remote() for a in self.rollouts.actors], "rollout startup")
+        addr, port = "127.0.0.1", 0  # one trainer binds a port of the kernel's choosing: nothing can take it first
+        if t.num_trainers > 1:
+            # chosen on trainer 0's node once the engines (which open ports by the hundred) are up
+            addr, port = ray.get(
+                ray.remote(num_cpus=0)(free_address).options(**{**in_bundle(0), "num_cpus": 0, "num_gpus": 0}).remote()
+            )
         trainer_cls = ray.remote(StudentTrainer)
         self.trainers = [
             trainer_cls.options(**in_bundle(i)).remote(raw, self.total_steps, i, t.num_trainers, addr, port)

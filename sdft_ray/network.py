@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import random
 import socket
+from pathlib import Path
 
 
 def is_loopback(host: str) -> bool:
@@ -36,30 +38,59 @@ def ray_on_loopback() -> None:
     ray_constants.ENABLE_RAY_CLUSTER = False
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        lo, hi = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(lo), int(hi)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default; macOS uses 49152-65535, above it too
+
+
 def free_address() -> tuple[str, int]:
-    """This node's address as Ray knows it (127.0.0.1 on one machine) and a port free on it now."""
+    """This node's address as Ray knows it (127.0.0.1 on one machine) and a port free on it now.
+
+    The port is chosen below the kernel's ephemeral range: between this probe and the bind that uses it
+    (another process, seconds later) only an explicit bind can take it, not one of the outgoing connections
+    vLLM and Ray open by the hundred while the actors start. Ray's own worker ports end at 19999.
+    """
     import ray
 
     host = ray.util.get_node_ip_address()
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return host, s.getsockname()[1]
+    lo = _ephemeral_range()[0]
+    candidates = list(range(20000, lo)) if lo > 20000 else []
+    random.shuffle(candidates)
+    for port in candidates[:64] + [0]:
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return host, s.getsockname()[1]
+    raise OSError(f"no free port on {host}")
 
 
-def init_process_group(rank: int, world_size: int, master_addr: str, master_port: int, backend: str) -> None:
+def init_process_group(rank: int, world_size: int, master_addr: str, master_port: int, backend: str) -> int:
     """torch.distributed (what DeepSpeed runs on), its rendezvous store listening on ``master_addr`` alone.
 
     torch's TCPStore server otherwise listens on every interface: an unauthenticated key-value store on the
     network. Handed a socket bound to the address the other ranks dial, it listens there only.
+    ``master_port`` 0 (one rank, nobody else to tell) lets the kernel pick, so no other process can take the
+    port between choosing and binding it. Returns the port the store listens on.
     """
     import torch.distributed as dist
 
+    if master_port == 0 and world_size > 1:
+        raise ValueError("master_port 0 needs world_size 1: the other ranks must know the port to dial")
     if is_loopback(master_addr):
         # gloo and NCCL pick a network interface of their own for their connections; on one machine, loopback.
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
         os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
     listen_fd = None
     if rank == 0:
-        listen_fd = socket.create_server((master_addr, master_port)).detach()  # the store owns the fd now
+        server = socket.create_server((master_addr, master_port))
+        master_port = server.getsockname()[1]
+        listen_fd = server.detach()  # the store owns the fd now
     store = dist.TCPStore(master_addr, master_port, world_size, rank == 0, master_listen_fd=listen_fd)
     dist.init_process_group(backend, store=store, rank=rank, world_size=world_size)
+    os.environ["MASTER_PORT"] = str(master_port)
+    return master_port

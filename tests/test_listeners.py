@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 from conftest import tiny_overrides
 
 from sdft_ray.network import is_loopback
@@ -55,3 +56,43 @@ def test_local_run_listens_on_loopback_only(tiny, tmp_path: Path) -> None:
     assert any("StudentTrainer" in n for n in names), sorted(seen)
     exposed = sorted(s for s in seen if not is_loopback(s[1]))
     assert not exposed, f"listening beyond loopback: {exposed}"
+
+
+def test_free_address_avoids_the_ephemeral_range(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A port from the ephemeral range can be taken by any outgoing connection before the trainer binds it
+    (CI lost a run that way: `Address already in use` at trainer start-up)."""
+    import ray
+
+    from sdft_ray.network import _ephemeral_range, free_address
+
+    monkeypatch.setattr(ray.util, "get_node_ip_address", lambda: "127.0.0.1")  # no cluster needed
+    lo, hi = _ephemeral_range()
+    ports = {free_address()[1] for _ in range(20)}
+    assert all(not lo <= p <= hi for p in ports), (ports, lo, hi)
+
+
+_ONE_RANK = """
+import socket, sys
+import torch, torch.distributed as dist
+from sdft_ray.network import init_process_group
+port = init_process_group(0, 1, "127.0.0.1", 0, "gloo")
+t = torch.ones(3)
+dist.all_reduce(t)
+assert port > 0 and t.tolist() == [1.0, 1.0, 1.0]
+with socket.socket() as s:  # the store listens on the port it reported
+    s.connect(("127.0.0.1", port))
+print(port)
+"""
+
+
+def test_one_rank_binds_a_port_of_the_kernels_choosing() -> None:
+    out = subprocess.run([sys.executable, "-c", _ONE_RANK], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert int(out.stdout.split()[-1]) > 0
+
+
+def test_port_zero_with_several_ranks_is_refused() -> None:
+    from sdft_ray.network import init_process_group
+
+    with pytest.raises(ValueError, match="world_size 1"):
+        init_process_group(0, 2, "127.0.0.1", 0, "gloo")
