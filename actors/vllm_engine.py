@@ -36,50 +36,9 @@ import torch
 
 from sdft_ray.config import Config
 from sdft_ray.modeling import resolve_dtype, shared_prefix_len, stop_token_ids
-from sdft_ray.weight_sync import Bucket, Meta, WeightSyncError, combine_digests, tensor_digests
+from sdft_ray.weight_sync import Bucket, Meta, WeightSyncError, combine_digests, dtype_name, tensor_digests, unpack
 
-_ALIGN = 16  # every tensor starts at a 16-byte offset so any dtype can be viewed out of the byte buffer
 _CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)  # vLLM CPU attention kernels
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def _padded(nbytes: int) -> int:
-    return (nbytes + _ALIGN - 1) // _ALIGN * _ALIGN
-
-
-def _nbytes(dtype: str, shape: tuple[int, ...]) -> int:
-    return torch.Size(shape).numel() * torch.empty((), dtype=getattr(torch, dtype)).element_size()
-
-
-def pack(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """One flat byte buffer for a bucket: one collective / one IPC handle per bucket, not per tensor."""
-    parts = []
-    for t in tensors:
-        b = t.contiguous().reshape(-1).view(torch.uint8)
-        parts.append(b)
-        if _padded(b.numel()) > b.numel():
-            parts.append(torch.zeros(_padded(b.numel()) - b.numel(), dtype=torch.uint8, device=b.device))
-    return torch.cat(parts)
-
-
-def unpack(flat: torch.Tensor, meta: Meta) -> list[tuple[str, torch.Tensor]]:
-    out, offset = [], 0
-    for name, dtype, shape in meta:
-        n = _nbytes(dtype, shape)
-        out.append((name, flat[offset : offset + n].view(getattr(torch, dtype)).reshape(shape)))
-        offset += _padded(n)
-    return out
-
-
-def plan_nbytes(meta: Meta) -> int:
-    return sum(_padded(_nbytes(dt, shape)) for _, dt, shape in meta)
-
-
-def bucket_meta(bucket: Bucket) -> Meta:
-    return [(n, dtype_name(t.dtype), tuple(t.shape)) for n, t in zip(bucket.names, bucket.tensors, strict=True)]
 
 
 def engine_kwargs(cfg: Config, engine_index: int, on_gpu: bool) -> dict[str, Any]:
@@ -333,25 +292,3 @@ def _check_cpu_head_size(cfg: Config) -> None:
             f"{cfg.model.path}: head_dim {head} is not supported by vLLM's CPU attention "
             f"(supported: {', '.join(map(str, _CPU_HEAD_SIZES))}); use rollout.backend=hf for this model"
         )
-
-
-class TrainerSender:
-    """Trainer-side half of the GPU transports (lives inside ``StudentTrainer`` rank 0)."""
-
-    def __init__(self) -> None:
-        self.group: Any = None
-
-    def init_nccl(self, host: str, port: int, world_size: int) -> None:
-        self.group = stateless_nccl_group(host, port, 0, world_size, torch.device("cuda", torch.cuda.current_device()))
-
-    def send_nccl(self, bucket: Bucket) -> None:
-        flat = pack(bucket.tensors)
-        self.group.broadcast(flat, src=0, stream=torch.cuda.current_stream())
-        torch.cuda.current_stream().synchronize()
-
-    @staticmethod
-    def ipc_handles(flat: torch.Tensor) -> dict[str, Any]:
-        from torch.multiprocessing.reductions import reduce_tensor
-
-        uuid = str(torch.cuda.get_device_properties(flat.device).uuid)
-        return {uuid: reduce_tensor(flat)}

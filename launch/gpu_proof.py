@@ -95,6 +95,7 @@ def check_generation(model: str) -> dict[str, Any]:
     from sdft_ray.config import load_config
     from sdft_ray.data import encode_prompt
     from sdft_ray.modeling import completion_logits, load_model, load_tokenizer
+    from sdft_ray.records import Prompt
 
     init_ray()
     cfg = load_config(
@@ -111,12 +112,7 @@ def check_generation(model: str) -> dict[str, Any]:
     tok = load_tokenizer(cfg.model)
     questions = ["What is the capital of France?", "Name three primary colors.", "What is 12 times 12?"] * 4
     items = [
-        {
-            "uid": str(i),
-            "index": i,
-            "prompt_ids": encode_prompt(tok, [{"role": "user", "content": q}], 256)[0],
-            "teacher_prompt_ids": [],
-        }
+        Prompt(uid=str(i), index=i, prompt_ids=encode_prompt(tok, [{"role": "user", "content": q}], 256)[0])
         for i, q in enumerate(questions)
     ]
     eng = ray.remote(RolloutWorker).options(num_gpus=1).remote(cfg.to_dict(), 0)
@@ -127,15 +123,15 @@ def check_generation(model: str) -> dict[str, Any]:
     finally:
         ray.kill(eng)
     model_t = load_model(cfg.model, torch.device("cuda")).eval()
-    comps = [o["completion_ids"] for o in outs]
+    comps = [o.completion_ids for o in outs]
     with torch.no_grad():
         logp = F.log_softmax(
-            completion_logits(model_t, [o["prompt_ids"] for o in outs], comps, tok.pad_token_id).float(), -1
+            completion_logits(model_t, [o.prompt_ids for o in outs], comps, tok.pad_token_id).float(), -1
         )
     diffs = [
         abs(a - float(logp[i, t, c]))
         for i, o in enumerate(outs)
-        for t, (c, a) in enumerate(zip(o["completion_ids"], o["rollout_logprobs"], strict=True))
+        for t, (c, a) in enumerate(zip(o.completion_ids, o.rollout_logprobs, strict=True))
     ]
     return {
         "ok": max(diffs) < 0.1 and len(set(map(tuple, comps))) > 1,

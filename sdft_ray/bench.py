@@ -140,12 +140,13 @@ def _rollout(cfg: Config, backend: str, repeats: int) -> dict[str, Any]:
     from sdft_ray.data import load_examples, tokenize_examples
     from sdft_ray.evaluate import rollout_engines
     from sdft_ray.modeling import load_tokenizer
+    from sdft_ray.records import Prompt
 
     c = copy.deepcopy(cfg)
     c.rollout.backend, c.rollout.num_engines = backend, 1
     data = tokenize_examples(load_examples(c.data)[: c.train.batch_size], load_tokenizer(c.model), c.data)
     items = [
-        {"uid": f"{d.index}-{k}", "index": d.index, "prompt_ids": d.prompt_ids, "teacher_prompt_ids": []}
+        Prompt(uid=f"{d.index}-{k}", index=d.index, prompt_ids=d.prompt_ids)
         for d in data
         for k in range(c.rollout.num_rollouts)
     ]
@@ -155,7 +156,7 @@ def _rollout(cfg: Config, backend: str, repeats: int) -> dict[str, Any]:
         tokens, t0 = 0, time.perf_counter()
         for i in range(repeats):
             outs = ray.get(engine.generate.remote(items, i + 1), timeout=timeout)
-            tokens += sum(len(o["completion_ids"]) for o in outs)
+            tokens += sum(len(o.completion_ids) for o in outs)
         wall = time.perf_counter() - t0
         name = ray.get(engine.backend_name.remote(), timeout=timeout)
     return {

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -300,3 +301,43 @@ def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> tuple[list
         entry = f"{key}: {old!r} -> {new!r}"
         (safe if key.startswith(RESUME_SAFE) else unsafe).append(entry)
     return safe, unsafe
+
+
+def save(output_dir: str, step: int, state: dict[str, Any], keep: int, write: Callable[[Path], None]) -> Path:
+    """Checkpoint ``step``: ``write(tmp)`` fills a temporary folder (the trainers' files), ``state`` (the driver's)
+    marks it complete. A full disk or a quota ends in one line that says the last good checkpoint is intact."""
+    tmp: Path | None = None
+    try:
+        tmp = temp_dir(output_dir, step)
+        write(tmp)
+        return finalize(tmp, step, state, keep)
+    except Exception as e:
+        err = disk_error(e, output_dir)
+        if err is None:
+            raise
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)  # never marked complete: the last good one stays newest
+        last = complete_checkpoints(output_dir)
+        kept = f"{last[-1].name} is intact" if last else "no earlier checkpoint exists"
+        raise CheckpointError(
+            f"{err} while writing checkpoint step {step} under {output_dir}; {kept}. "
+            "Free space, then rerun with train.resume=auto"
+        ) from None
+
+
+def check_resume_config(path: Path, current: dict[str, Any], allow_change: bool) -> None:
+    """Name every setting that differs from the checkpoint's; refuse those that change the run's math."""
+    saved = read_driver_state(path).get("config")
+    if saved is None:
+        print(f"sdft-ray: {path} holds no config (an older checkpoint): resuming without comparing", file=sys.stderr)
+        return
+    safe, unsafe = config_changes(saved, current)
+    if safe:
+        print(f"sdft-ray: resuming with changed settings: {'; '.join(safe)}", file=sys.stderr, flush=True)
+    if unsafe and not allow_change:
+        raise CheckpointError(
+            f"{path} was trained with other settings: {'; '.join(unsafe)}. Resuming would mix two runs; "
+            "use the checkpoint's settings, or add train.allow_config_change=true to resume anyway"
+        )
+    if unsafe:
+        print(f"sdft-ray: resuming with CHANGED run settings: {'; '.join(unsafe)}", file=sys.stderr, flush=True)

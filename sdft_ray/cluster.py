@@ -136,3 +136,14 @@ def is_dead(actor: Any) -> bool:
         return False
     except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
         return True
+
+
+def get(refs: Any, what: str, timeout: float, error: type[ActorFailure] = ActorFailure, setting: str = "") -> Any:
+    """``ray.get`` with a deadline: a timeout raises ``error`` naming ``what`` and the setting that bounds it."""
+    import ray
+
+    try:
+        return ray.get(refs, timeout=timeout)
+    except ray.exceptions.GetTimeoutError:
+        where = f" ({setting})" if setting else ""
+        raise error(f"{what}: no answer within {timeout:.0f}s{where}; the run stops instead of hanging") from None

@@ -1,44 +1,36 @@
 """The driver: one controller wiring rollout, teacher and trainer actors into a pipelined SDFT loop.
 
-Per step (docs/algorithm.md): rollout (student samples y) -> teacher scores y under the demonstration prompt ->
-trainer takes the divergence loss and an optimizer step (+ EMA teacher) -> new weights go to the engines.
-Rollouts for the next ``pipeline.max_staleness`` steps are launched before the current step trains, so
-generation overlaps training; each sample carries the weight version it was generated with.
-Only ObjectRefs pass through here: completions go rollout -> trainer, weights trainer -> engines.
+Per step (docs/algorithm.md), as ``run`` spells it: rollouts queued (the student samples y) -> on the trainers,
+the teacher scores y under the demonstration prompt, the divergence loss, an optimizer step, the EMA teacher ->
+weights published to the engines -> metrics, checkpoint. Rollouts for the next ``pipeline.max_staleness`` steps
+are launched before the current step trains, so generation overlaps training; each sample carries the weight
+version it was generated with. Only ObjectRefs pass through here. Where the parts live: actor start-up in
+``cluster.py``, the queue in ``rollout_queue.py``, weight transfer in ``weight_transport.py``, checkpoints in
+``checkpoint.py``.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import shutil
 import sys
 import time
-from collections import deque
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from sdft_ray import checkpoint as ckpt
-from sdft_ray.cluster import ActorGroup, actor_runtime_env, check_resources, init_ray, is_dead, trainer_bundles
+from sdft_ray.cluster import ActorGroup, actor_runtime_env, check_resources, get, init_ray, is_dead, trainer_bundles
 from sdft_ray.config import Config
 from sdft_ray.data import LoadReport, PromptSampler, load_examples, tokenize_examples
 from sdft_ray.ds_config import samples_per_step
-from sdft_ray.errors import ActorFailure, CheckpointError, WeightSyncError, WeightSyncTimeout
+from sdft_ray.errors import ActorFailure, WeightSyncError, WeightSyncTimeout
 from sdft_ray.metrics import MetricsLogger
 from sdft_ray.modeling import load_tokenizer
 from sdft_ray.network import free_address
+from sdft_ray.records import StepResult
+from sdft_ray.rollout_queue import RolloutQueue
+from sdft_ray.weight_transport import WeightPublisher
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class InFlight:
-    step: int
-    items: list[dict[str, Any]]
-    rollout_refs: list[Any]
-    teacher_refs: list[Any]
-    engine_loads: list[tuple[int, int]] = field(default_factory=list)  # (engine, prompts) still in flight
 
 
 class SDFTDriver:
@@ -57,14 +49,11 @@ class SDFTDriver:
         self.total_steps = t.steps or t.epochs * self.sampler.steps_per_epoch()
         self.step = 0
         self.version = 0
-        self.pending_syncs: list[Any] = []
-        self.pending_checks: list[Any] = []
-        self.pending_sends: list[Any] = []
-        self.last_sync_s = 0.0
-        self.weights_verified = 0
+        self.queue = RolloutQueue(cfg, self.data, self.sampler, cfg.rollout.num_engines)
+        self.weights: WeightPublisher | None = None  # once the actors are up
         self.resume_from = ckpt.prepare_output(t.output_dir, t.resume, t.overwrite, dry_run)  # before any actor
         if self.resume_from is not None:
-            self.check_resume_config(self.resume_from)
+            ckpt.check_resume_config(self.resume_from, cfg.to_dict(), t.allow_config_change)
         # set before any actor starts, so shutdown() after a failed start reports the failure, not itself
         self.rollouts: ActorGroup | None = None
         self.teachers: ActorGroup | None = None
@@ -122,7 +111,6 @@ class SDFTDriver:
             }
 
         self.rollouts = None
-        self.engine_load = [0] * r.num_engines
         if cfg.runs_rollout_engines:
             opts = {"num_cpus": r.num_cpus, "num_gpus": r.num_gpus, "runtime_env": env}
             if cfg.weight_transport == "ipc":  # on trainer 0's GPU (see trainer_bundles), restarts included
@@ -157,9 +145,17 @@ class SDFTDriver:
         if self.rollouts is not None:
             backend = self._get(self.rollouts.actors[0].backend_name.remote(), "rollout startup")
             print(f"sdft-ray: rollout backend: {backend}", file=sys.stderr, flush=True)
-        if cfg.weight_transport == "nccl" and self.rollouts is not None:
-            # after every member is up: the group's rendezvous waits only a few minutes for stragglers
-            self._init_gpu_weight_group()
+        # the groups' own lists: a restarted actor replaces its predecessor in place
+        self.weights = WeightPublisher(cfg, self.trainers, self.engines, self.teacher_actors)
+        self.weights.prepare()  # after every member is up: a collective group waits only minutes for stragglers
+
+    @property
+    def engines(self) -> list[Any]:
+        return self.rollouts.actors if self.rollouts is not None else []
+
+    @property
+    def teacher_actors(self) -> list[Any]:
+        return self.teachers.actors if self.teachers is not None else []
 
     def shutdown(self) -> None:
         import ray
@@ -173,175 +169,20 @@ class SDFTDriver:
             ray.util.remove_placement_group(self.trainer_pg)
             self.trainer_pg = None
 
-    def _get(self, refs: Any, what: str, timeout: float | None = None, error: type = ActorFailure) -> Any:
-        """ray.get with a deadline; a timeout raises ``error`` (WeightSyncTimeout for syncs, which recover)."""
-        import ray
-
-        timeout = timeout or self.cfg.pipeline.call_timeout_s
-        try:
-            return ray.get(refs, timeout=timeout)
-        except ray.exceptions.GetTimeoutError:
-            setting = "pipeline.sync_timeout_s" if error is WeightSyncTimeout else "pipeline.call_timeout_s"
-            raise error(
-                f"{what}: no answer within {timeout:.0f}s ({setting}); the run stops instead of hanging"
-            ) from None
+    def _get(self, refs: Any, what: str) -> Any:
+        return get(refs, what, self.cfg.pipeline.call_timeout_s, setting="pipeline.call_timeout_s")
 
     # ------------------------------------------------------------ weights
-    def sync_weights(self, targets: list[tuple[Any, str]] | None = None) -> None:
-        """Send the trainer's current weights to every rollout engine (and separate teacher).
+    def publish_weights(self) -> None:
+        """The trainer's weights (version ``self.version``) to every engine and separate teacher, queued behind
+        the rollouts already launched (which keep the older version: the bounded staleness)."""
+        self.weights.publish(self.version)
 
-        Calls are queued on each actor behind rollouts already launched, which therefore keep the
-        older version: that is the bounded staleness, not a race.
-        """
-        p = self.cfg.pipeline
-        if targets is None:
-            targets = [(a, "student") for a in (self.rollouts.actors if self.rollouts else [])]
-            kind = self.cfg.teacher.kind
-            if self.teachers is not None and kind in ("ema", "student"):
-                targets += [(a, "teacher" if kind == "ema" else "student") for a in self.teachers.actors]
-        gpu = self.cfg.weight_transport in ("nccl", "ipc") and self.rollouts is not None
-        if gpu:
-            engines = set(self.rollouts.actors)
-            self._sync_engines_gpu([a for a, _ in targets if a in engines])
-            targets = [(a, w) for a, w in targets if a not in engines]  # separate teachers: object store
-            if not targets:
-                return
-        for which in dict.fromkeys(w for _, w in targets):  # each source once, in order
-            receivers = [a for a, w in targets if w == which]
-            if p.verify_weight_checksums:  # queued on the trainer before any later step: this version's weights
-                expected = [tr.checksum.remote(which) for tr in self.trainers][0]
-            self._stream_buckets(which, receivers)
-            # queued behind the update on each actor, so it reads the weights just received
-            if p.verify_weight_checksums:
-                self.pending_checks += [(a.checksum.remote(), expected, a) for a in receivers]
-
-    def _stream_buckets(self, which: str, receivers: list[Any]) -> None:
-        """Object-store sync, bucket by bucket: the trainer publishes bucket i, every receiver loads it, and at
-        most ``pipeline.sync_inflight_buckets`` buckets exist in the object store at once (0 = no bound: every
-        bucket is queued at once and the receivers load them when they get to it, so the driver never waits,
-        but the whole model sits in the object store). All calls come from this driver, so each receiver runs
-        them in order, before any rollout launched after this sync."""
-        p = self.cfg.pipeline
-        n = self._get(self.trainers[0].num_buckets.remote(which), "weight sync plan")
-        inflight: deque[list[Any]] = deque()
-        for i in range(n):
-            published = [tr.publish_bucket.remote(which, i) for tr in self.trainers]  # collective under ZeRO-3
-            acks = [a.receive_bucket.remote(published[0], i == n - 1, self.version) for a in receivers]
-            inflight.append(published[1:] + acks)
-            while p.sync_inflight_buckets and len(inflight) > p.sync_inflight_buckets:
-                self._get(inflight.popleft(), "weight sync", p.sync_timeout_s, WeightSyncTimeout)
-        # the tail (or everything, unbounded) is waited for in wait_syncs; += : GPU syncs may have queued some
-        self.pending_syncs += [ref for refs in inflight for ref in refs]
-
-    def _sync_engines_gpu(self, engines: list[Any]) -> None:
-        """vLLM engines: NCCL broadcast (engines receive while the trainer sends) or CUDA IPC bucket by bucket."""
-        if not hasattr(self, "_plan"):
-            self._plan = self._get(self.trainers[0].sync_plan.remote(), "sync plan")
-        if self.cfg.weight_transport == "nccl":
-            sends = [tr.send_nccl.remote() for tr in self.trainers]
-            self.pending_syncs += [e.receive_nccl.remote(self._plan, self.version) for e in engines]
-            self.pending_sends = sends
-            return
-        t0 = time.perf_counter()
-        for i, meta in enumerate(self._plan):
-            handles = [tr.ipc_bucket.remote(i) for tr in self.trainers][0]
-            self._get(
-                [e.receive_ipc.remote(handles, meta) for e in engines],
-                "ipc weight sync",
-                self.cfg.pipeline.sync_timeout_s,
-                WeightSyncTimeout,
-            )
-        self._get([tr.ipc_done.remote() for tr in self.trainers], "ipc weight sync")
-        self._get([e.finish_update.remote(self.version) for e in engines], "ipc weight sync")
-        self.last_sync_s = time.perf_counter() - t0
-
-    def _init_gpu_weight_group(self) -> None:
-        r = self.cfg.rollout
-        world = 1 + r.num_engines * r.tensor_parallel_size
-        host, port = self._get(self.trainers[0].free_address.remote(), "NCCL weight group setup")
-        refs = [tr.init_weight_group.remote(host, port, world) for tr in self.trainers]
-        refs += [
-            e.init_weight_group.remote(host, port, 1 + i * r.tensor_parallel_size, world)
-            for i, e in enumerate(self.rollouts.actors)
-        ]
-        self._get(refs, "NCCL weight group setup", self.cfg.pipeline.sync_timeout_s, WeightSyncTimeout)
-
-    def wait_syncs(self) -> None:
-        """Block until the last sync landed; with verify_weight_checksums, prove receivers equal the trainer."""
-        if not self.pending_syncs:
-            return
-        p = self.cfg.pipeline
-        done = self._get(self.pending_syncs, "weight sync", p.sync_timeout_s + p.call_timeout_s, WeightSyncTimeout)
-        if self.pending_sends:
-            self._get(self.pending_sends, "weight send", p.sync_timeout_s, WeightSyncTimeout)
-            self.pending_sends = []
-        self.last_sync_s = max((d["seconds"] for d in done if d), default=0.0)  # publish_bucket on ranks > 0: None
-        self.pending_syncs = []
-        for got, want, actor in self.pending_checks:
-            got, want = self._get([got, want], "weight checksum")
-            if got != want:
-                raise WeightSyncError(f"weights at {actor} differ from the trainer's after sync v{self.version}")
-            self.weights_verified += 1
-        self.pending_checks = []
-
-    # ------------------------------------------------------------ rollouts
-    def make_items(self, step: int) -> list[dict[str, Any]]:
-        items = []
-        for j, idx in enumerate(self.sampler.batch(step)):
-            ex = self.data[idx]
-            for k in range(self.cfg.rollout.num_rollouts if self.cfg.train.algo == "sdft" else 1):
-                items.append(
-                    {
-                        "uid": f"{step}-{j}-{k}",
-                        "index": ex.index,
-                        "prompt_ids": ex.prompt_ids,
-                        "teacher_prompt_ids": ex.teacher_prompt_ids,
-                        "demonstration_ids": ex.demonstration_ids,
-                    }
-                )
-        return items
-
-    def launch(self, step: int, items: list[dict[str, Any]] | None = None) -> InFlight:
-        import ray
-
-        items = items or self.make_items(step)
-        if self.cfg.train.algo == "sft":
-            return InFlight(step, items, [ray.put(items)], [])
-        engines = self.rollouts.actors
-        shards = self.assign(len(items))
-        seed = self.cfg.train.seed * 1_000_003 + step
-        refs, loads = [], []
-        for e, idx in enumerate(shards):
-            if idx:
-                refs.append(engines[e].generate.remote([items[i] for i in idx], seed * 131 + e))
-                loads.append((e, len(idx)))
-                self.engine_load[e] += len(idx)
-        teacher_refs = []
-        if self.teachers is not None:
-            n = len(self.teachers.actors)
-            teacher_refs = [t.score.remote(refs[i::n]) for i, t in enumerate(self.teachers.actors) if refs[i::n]]
-        return InFlight(step, items, refs, teacher_refs, loads)
-
-    def assign(self, n: int) -> list[list[int]]:
-        """Least-loaded dispatch: each prompt goes to the engine with the fewest prompts in flight.
-
-        Equal engines with equal queues get an even split; an engine that was just restarted (empty queue)
-        or one still busy with a lagging batch gets more or fewer accordingly.
-        """
-        load = list(self.engine_load)
-        shards: list[list[int]] = [[] for _ in load]
-        for i in range(n):
-            e = min(range(len(load)), key=lambda k: (load[k], k))
-            shards[e].append(i)
-            load[e] += 1
-        return shards
-
-    def done_with(self, batch: InFlight) -> None:
-        for e, n in batch.engine_loads:
-            self.engine_load[e] -= n
+    def wait_weights(self) -> None:
+        self.weights.wait(self.version)
 
     # ------------------------------------------------------------ faults
-    def recover(self, batch_queue: deque[InFlight], err: Exception) -> None:
+    def recover(self, err: Exception) -> None:
         """A step failed: restart dead rollout/teacher actors, resend weights, relaunch in-flight rollouts."""
         dead_trainers = [i for i, a in enumerate(self.trainers) if is_dead(a)]
         if dead_trainers:
@@ -365,24 +206,19 @@ class SDFTDriver:
             raise err
         log.warning("restarted %s after %s; resending weights v%d", restarted, type(err).__name__, self.version)
         self.logger.event("actor_restart", step=self.step, actors=restarted, error=str(err)[:500])
-        self.pending_syncs, self.pending_checks = [], []
-        self.sync_weights()
-        self.wait_syncs()
-        steps = [b.step for b in batch_queue]
-        for b in batch_queue:
-            self.done_with(b)
-        batch_queue.clear()
-        for s in steps:
-            batch_queue.append(self.launch(s))
+        self.weights.drop()
+        self.publish_weights()
+        self.wait_weights()
+        self.queue.relaunch(self.engines, self.teacher_actors)
 
-    def check_engine_weights(self, results: list[dict[str, Any]]) -> None:
+    def check_engine_weights(self, results: list[StepResult]) -> None:
         """Stop when the engines did not sample from the trainer's weights: a sync that never arrived (the
         engine reports an old version) or one that arrived without its weights (the log-probs disagree).
 
         The gap is judged on on-policy steps only: with staleness the lag itself legitimately widens it.
         """
         p = self.cfg.pipeline
-        lag = max(r["lag_max"] for r in results)
+        lag = max(r.lag_max for r in results)
         if lag > p.max_staleness:  # the engine says which version it sampled with: a sync never landed
             raise WeightSyncError(
                 f"step {self.step}: rollouts were sampled with weights {lag} versions old (pipeline.max_staleness="
@@ -392,7 +228,7 @@ class SDFTDriver:
         limit = p.max_logprob_gap
         if self.cfg.train.algo != "sdft" or not limit or lag:
             return
-        gap = max(r["logprob_gap"] for r in results)
+        gap = max(r.logprob_gap for r in results)
         if gap > limit:
             raise WeightSyncError(
                 f"step {self.step}: the rollout engine's log-probs of its own samples differ from the trainer's by "
@@ -403,49 +239,18 @@ class SDFTDriver:
 
     # ------------------------------------------------------------ checkpoints
     def save(self) -> None:
-        tmp: Path | None = None
-        try:
-            tmp = ckpt.temp_dir(self.cfg.train.output_dir, self.step)
-            self._get([tr.save.remote(str(tmp)) for tr in self.trainers], "checkpoint save")
-            state = {
-                "step": self.step,
-                "version": self.version,
-                "sampler_position": self.step,
-                "total_steps": self.total_steps,
-                "time": time.time(),
-                "config": self.cfg.to_dict(),  # what a resume compares itself with
-            }
-            final = ckpt.finalize(tmp, self.step, state, self.cfg.train.keep_checkpoints)
-        except Exception as e:
-            err = ckpt.disk_error(e, self.cfg.train.output_dir)
-            if err is None:
-                raise
-            if tmp is not None:
-                shutil.rmtree(tmp, ignore_errors=True)  # never marked complete: the last good one stays newest
-            last = ckpt.complete_checkpoints(self.cfg.train.output_dir)
-            kept = f"{last[-1].name} is intact" if last else "no earlier checkpoint exists"
-            raise CheckpointError(
-                f"{err} while writing checkpoint step {self.step} under {self.cfg.train.output_dir}; {kept}. "
-                "Free space, then rerun with train.resume=auto"
-            ) from None
+        state = {
+            "step": self.step,
+            "version": self.version,
+            "sampler_position": self.step,
+            "total_steps": self.total_steps,
+            "time": time.time(),
+            "config": self.cfg.to_dict(),  # what a resume compares itself with
+        }
+        t = self.cfg.train
+        write = lambda tmp: self._get([tr.save.remote(str(tmp)) for tr in self.trainers], "checkpoint save")
+        final = ckpt.save(t.output_dir, self.step, state, t.keep_checkpoints, write)
         self.logger.event("checkpoint", step=self.step, path=str(final))
-
-    def check_resume_config(self, path: Path) -> None:
-        """Name every setting that differs from the checkpoint's; refuse those that change the run's math."""
-        saved = ckpt.read_driver_state(path).get("config")
-        if saved is None:
-            log.warning("sdft-ray: %s holds no config (an older checkpoint): resuming without comparing", path)
-            return
-        safe, unsafe = ckpt.config_changes(saved, self.cfg.to_dict())
-        if safe:
-            print(f"sdft-ray: resuming with changed settings: {'; '.join(safe)}", file=sys.stderr, flush=True)
-        if unsafe and not self.cfg.train.allow_config_change:
-            raise CheckpointError(
-                f"{path} was trained with other settings: {'; '.join(unsafe)}. Resuming would mix two runs; "
-                "use the checkpoint's settings, or add train.allow_config_change=true to resume anyway"
-            )
-        if unsafe:
-            print(f"sdft-ray: resuming with CHANGED run settings: {'; '.join(unsafe)}", file=sys.stderr, flush=True)
 
     def restore(self) -> None:
         path = self.resume_from
@@ -458,9 +263,7 @@ class SDFTDriver:
 
     # ------------------------------------------------------------ the loop
     def run(self) -> dict[str, Any]:
-        import ray
-
-        cfg = self.cfg
+        cfg, sdft = self.cfg, self.cfg.train.algo == "sdft"
         self.start_actors()
         self.restore()
         self.logger = MetricsLogger(cfg, self.total_steps, self.step)
@@ -468,60 +271,95 @@ class SDFTDriver:
         self.logger.event(
             "start", step=self.step, total_steps=self.total_steps, data=vars(self.report), env_names=forwarded
         )
-        if self.rollouts is not None and (cfg.train.algo == "sdft" or self.step > 0):
-            self.sync_weights()  # engines load the base model; after a resume they need the restored weights
-        queue: deque[InFlight] = deque()
-        next_launch = self.step
+        if self.engines and (sdft or self.step > 0):
+            self.publish_weights()  # engines load the base model; after a resume they need the restored weights
+        self.next_launch = self.step
         t_start = time.perf_counter()
         last: dict[str, Any] = {}
         while self.step < self.total_steps:
             t0 = time.perf_counter()
-            while len(queue) <= cfg.pipeline.max_staleness and next_launch < self.total_steps:
-                queue.append(self.launch(next_launch))
-                next_launch += 1
-            try:
-                self.wait_syncs()
-                batch = queue[0]
-                results = self._get(
-                    [tr.train_step.remote(batch.rollout_refs, batch.teacher_refs) for tr in self.trainers],
-                    f"train step {self.step}",
-                )
-            except (ray.exceptions.RayError, WeightSyncTimeout) as err:  # other ActorFailures (timeouts) stop
-                self.recover(queue, err)
-                continue
-            self.done_with(queue.popleft())
-            self.step += 1
-            self.version = results[0]["version"]
+            self.queue_rollouts()  # the student samples y for this step and the next max_staleness ones
+            results = self.train_step()  # on the trainers: teacher scores y, divergence loss, optimizer step, EMA
+            if results is None:
+                continue  # an actor died and was restarted; its batch was relaunched
             self.check_engine_weights(results)
-            if self.rollouts is not None and cfg.train.algo == "sdft":
-                try:  # a bounded sync blocks on its receivers, so a death here is met here, not in the next step
-                    self.sync_weights()
-                except (ray.exceptions.RayError, WeightSyncTimeout) as err:
-                    self.recover(queue, err)  # resends this version to the restarted engine
-            last = self._step_metrics(results, time.perf_counter() - t0)
-            self.logger.completions(self.step, results[0]["completions"])
-            if self.step % cfg.logging.log_every == 0 or self.step == self.total_steps:
-                self.logger.log(self.step, last)
+            if self.engines and sdft:
+                self.publish_weights_or_recover()  # the new weights go to the engines for the next rollouts
+            last = self.log_step(results, time.perf_counter() - t0)
             if cfg.train.save_every and self.step % cfg.train.save_every == 0 and self.step < self.total_steps:
                 self.save()
-        self.wait_syncs()
+        self.wait_weights()
         self.save()
+        return self.finish(time.perf_counter() - t_start, last)
+
+    def queue_rollouts(self) -> None:
+        while len(self.queue) <= self.cfg.pipeline.max_staleness and self.next_launch < self.total_steps:
+            self.queue.launch(self.next_launch, self.engines, self.teacher_actors)
+            self.next_launch += 1
+
+    def train_step(self) -> list[StepResult] | None:
+        """The head batch, once its weights landed, trained on every rank; None when an actor died and the
+        run recovered from it (a dead trainer is not recovered: that raises)."""
+        import ray
+
+        try:
+            self.wait_weights()
+            batch = self.queue.head()
+            results = self._get(
+                [tr.train_step.remote(batch.rollout_refs, batch.teacher_refs) for tr in self.trainers],
+                f"train step {self.step}",
+            )
+        except (ray.exceptions.RayError, WeightSyncTimeout) as err:  # other ActorFailures (timeouts) stop
+            self.recover(err)
+            return None
+        self.queue.pop()
+        self.step += 1
+        self.version = results[0].version
+        return results
+
+    def publish_weights_or_recover(self) -> None:
+        import ray
+
+        try:  # a bounded sync blocks on its receivers, so a death here is met here, not in the next step
+            self.publish_weights()
+        except (ray.exceptions.RayError, WeightSyncTimeout) as err:
+            self.recover(err)  # resends this version to the restarted engine
+
+    def log_step(self, results: list[StepResult], wall: float) -> dict[str, Any]:
+        m = results[0].metrics()
+        if len(results) > 1:
+            for k in StepResult.MEAN:
+                m[k] = sum(getattr(r, k) for r in results) / len(results)
+            m["tokens"] = sum(r.tokens for r in results)
+        m["step_s"] = wall
+        m["weight_sync_s"] = self.weights.seconds  # the sync that fed this step's rollouts
+        m["weights_verified"] = self.weights.verified
+        m["tokens_per_s"] = m["tokens"] / max(wall, 1e-9)
+        m["samples"] = samples_per_step(self.cfg)
+        self.logger.completions(self.step, results[0].completions)
+        if self.step % self.cfg.logging.log_every == 0 or self.step == self.total_steps:
+            self.logger.log(self.step, m)
+        return m
+
+    def finish(self, wall: float, last: dict[str, Any]) -> dict[str, Any]:
+        """The run's summary; the final eval when data.eval names files."""
+        cfg = self.cfg
         summary = {
             "steps": self.step,
-            "wall_s": time.perf_counter() - t_start,
+            "wall_s": wall,
             "last": last,
             "restarts": sum(g.restarts for g in (self.rollouts, self.teachers) if g is not None),
             "skipped_records": self.report.skipped,
-            "weights_verified": self.weights_verified,
+            "weights_verified": self.weights.verified,
         }
         summary["peak_rss_gb"] = self.peak_rss_gb()
-        if cfg.data.eval and self.rollouts is not None:
+        if cfg.data.eval and self.engines:
             from sdft_ray.evaluate import evaluate_with_engines
 
             if cfg.train.algo != "sdft":  # SDFT engines already hold the final weights (synced after each step)
-                self.sync_weights()
-                self.wait_syncs()
-            summary["eval"] = evaluate_with_engines(cfg, self.tokenizer, self.rollouts.actors, cfg.data.eval)
+                self.publish_weights()
+                self.wait_weights()
+            summary["eval"] = evaluate_with_engines(cfg, self.tokenizer, self.engines, cfg.data.eval)
             scalars = {f"eval/{k}": v for k, v in summary["eval"].items() if not isinstance(v, (list, dict))}
             self.logger.log(self.step, scalars)
         self.logger.event("end", **{k: v for k, v in summary.items() if k != "last"})
@@ -539,19 +377,6 @@ class SDFTDriver:
         out = {role: p["rss_mb"] * 2**20 / 1e9 for (role, _), p in zip(roles, peaks, strict=True)}
         out["driver"] = peak_memory_mb()["rss_mb"] * 2**20 / 1e9
         return {k: round(v, 2) for k, v in out.items()}
-
-    def _step_metrics(self, results: list[dict[str, Any]], wall: float) -> dict[str, Any]:
-        m = {k: v for k, v in results[0].items() if k != "completions"}
-        if len(results) > 1:
-            for k in ("loss", "kl", "importance_weight", "lag_mean", "completion_len", "clipped_ratio", "logprob_gap"):
-                m[k] = sum(r[k] for r in results) / len(results)
-            m["tokens"] = sum(r["tokens"] for r in results)
-        m["step_s"] = wall
-        m["weight_sync_s"] = self.last_sync_s  # the sync that fed this step's rollouts
-        m["weights_verified"] = self.weights_verified
-        m["tokens_per_s"] = m["tokens"] / max(wall, 1e-9)
-        m["samples"] = samples_per_step(self.cfg)
-        return m
 
 
 def train(cfg: Config) -> dict[str, Any]:

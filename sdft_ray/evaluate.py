@@ -17,6 +17,7 @@ from typing import Any
 
 from sdft_ray.config import Config
 from sdft_ray.data import load_examples, tokenize_examples
+from sdft_ray.records import Prompt
 
 _ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 _ACTION = re.compile(r"^\s*Action:\s*(.+?)\s*$", re.MULTILINE)
@@ -101,12 +102,12 @@ def evaluate_with_engines(
     data = tokenize_examples(examples, tokenizer, cfg.data)
     n = max(1, e.num_samples)
     items = [
-        {
-            "uid": f"eval-{d.index}-{s}",
-            "index": d.index,
-            "prompt_ids": d.teacher_prompt_ids if teacher_prompt else d.prompt_ids,
-            "teacher_prompt_ids": d.teacher_prompt_ids,
-        }
+        Prompt(
+            uid=f"eval-{d.index}-{s}",
+            index=d.index,
+            prompt_ids=d.teacher_prompt_ids if teacher_prompt else d.prompt_ids,
+            teacher_prompt_ids=d.teacher_prompt_ids,
+        )
         for d in data
         for s in range(n)
     ]
@@ -121,11 +122,11 @@ def evaluate_with_engines(
     samples = []
     gold_of = {d.index: (d.answer if d.answer is not None else d.demonstration) or "" for d in data}
     for o in outs:
-        text = tokenizer.decode(o["completion_ids"], skip_special_tokens=True)
-        ok = score(text, gold_of[o["index"]])
-        by_ex.setdefault(o["index"], []).append(ok)
+        text = tokenizer.decode(o.completion_ids, skip_special_tokens=True)
+        ok = score(text, gold_of[o.index])
+        by_ex.setdefault(o.index, []).append(ok)
         if len(samples) < 5:
-            samples.append({"index": o["index"], "output": text, "gold": gold_of[o["index"]], "correct": ok})
+            samples.append({"index": o.index, "output": text, "gold": gold_of[o.index], "correct": ok})
     result: dict[str, Any] = {
         "accuracy": sum(sum(v) / len(v) for v in by_ex.values()) / len(by_ex),
         "examples": len(by_ex),

@@ -1,8 +1,8 @@
-"""Bucketed weight transfer from the trainer to rollout engines and separate teachers.
+"""Weights in buckets: the one bucket plan, gathering, checksums, loading, and the GPU wire format.
 
 Parameters travel in buckets of ``pipeline.sync_bucket_mb`` (one object / one collective per bucket, never one
-RPC per tensor). Under ZeRO-3 each bucket's parameters are gathered together, then released.
-On CPU the transport is the Ray object store; on GPUs see ``actors/vllm_engine.py`` (CUDA IPC / NCCL).
+RPC per tensor). Under ZeRO-3 each bucket's parameters are gathered together, then released. Which transport
+moves them, and the driver's side of each, is ``weight_transport.py``.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from sdft_ray.errors import WeightSyncError
 # One bucket's layout for the GPU transports: (name, dtype name, shape). Strings, not torch.dtype: the
 # metadata must survive any serialization hop into a vLLM worker (msgpack, pickle).
 Meta = list[tuple[str, str, tuple[int, ...]]]
+_ALIGN = 16  # every tensor starts at a 16-byte offset so any dtype can be viewed out of the byte buffer
 
 
 @dataclass
@@ -132,3 +133,59 @@ def load_bucket_into(module: torch.nn.Module, bucket: Bucket, verify: bool = Fal
             raise WeightSyncError(f"weight {name!r}: shape {tuple(t.shape)} != receiver's {tuple(p.shape)}")
         with torch.no_grad():
             p.copy_(t.to(p.device, p.dtype))
+
+
+# ------------------------------------------------ the GPU transports' wire format: one flat buffer per bucket
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _padded(nbytes: int) -> int:
+    return (nbytes + _ALIGN - 1) // _ALIGN * _ALIGN
+
+
+def _meta_nbytes(dtype: str, shape: tuple[int, ...]) -> int:
+    return torch.Size(shape).numel() * torch.empty((), dtype=getattr(torch, dtype)).element_size()
+
+
+def pack(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """One flat byte buffer for a bucket: one collective / one IPC handle per bucket, not per tensor."""
+    parts = []
+    for t in tensors:
+        b = t.contiguous().reshape(-1).view(torch.uint8)
+        parts.append(b)
+        if _padded(b.numel()) > b.numel():
+            parts.append(torch.zeros(_padded(b.numel()) - b.numel(), dtype=torch.uint8, device=b.device))
+    return torch.cat(parts)
+
+
+def unpack(flat: torch.Tensor, meta: Meta) -> list[tuple[str, torch.Tensor]]:
+    out, offset = [], 0
+    for name, dtype, shape in meta:
+        n = _meta_nbytes(dtype, shape)
+        out.append((name, flat[offset : offset + n].view(getattr(torch, dtype)).reshape(shape)))
+        offset += _padded(n)
+    return out
+
+
+def plan_nbytes(meta: Meta) -> int:
+    return sum(_padded(_meta_nbytes(dt, shape)) for _, dt, shape in meta)
+
+
+def bucket_meta(bucket: Bucket) -> Meta:
+    return [(n, dtype_name(t.dtype), tuple(t.shape)) for n, t in zip(bucket.names, bucket.tensors, strict=True)]
+
+
+def broadcast_bucket(group: Any, bucket: Bucket) -> None:
+    """The trainer's half of an NCCL sync, one bucket: packed, broadcast from rank 0 of the weight group."""
+    flat = pack(bucket.tensors)
+    group.broadcast(flat, src=0, stream=torch.cuda.current_stream())
+    torch.cuda.current_stream().synchronize()
+
+
+def ipc_handles(flat: torch.Tensor) -> dict[str, Any]:
+    """A CUDA IPC handle of ``flat``, keyed by its GPU's uuid: each receiving TP worker opens the one on its GPU."""
+    from torch.multiprocessing.reductions import reduce_tensor
+
+    uuid = str(torch.cuda.get_device_properties(flat.device).uuid)
+    return {uuid: reduce_tensor(flat)}

@@ -138,10 +138,11 @@ def test_trainer_killed_fails_fast_with_resume_hint(tiny, ray_cluster, tmp_path:
     assert "train.resume=auto" in str(res["error"])
 
 
-def test_engine_left_on_old_weights_stops_the_run(tiny, ray_cluster, tmp_path: Path) -> None:
+def test_engine_left_on_old_weights_stops_the_run(tiny, ray_cluster, tmp_path: Path, monkeypatch) -> None:
     """An engine that keeps sampling from old weights after a sync (TRL #5312) is caught with checksums off: the
     trainer's recompute of the sampled tokens' log-probs drifts away from the engine's."""
     from sdft_ray.errors import WeightSyncError
+    from sdft_ray.weight_transport import ObjectStoreTransport
 
     # The random-init tiny model's stale-engine gap plateaus near 0.06 per token (its samples are near-uniform
     # over a small vocabulary), under the 0.15 default meant for real models; with the same weights it is < 1e-3.
@@ -155,20 +156,21 @@ def test_engine_left_on_old_weights_stops_the_run(tiny, ray_cluster, tmp_path: P
         pipeline__max_logprob_gap=0.02,
     )
     d = SDFTDriver(load_config(None, over))
-    real_stream, base_buckets = d._stream_buckets, []
+    base_buckets: list = []
 
-    def resend_the_base_weights(which: str, receivers: list) -> None:  # the test's hook; shipped code is unchanged
+    def resend_the_base_weights(self, which: str, receivers: list, version: int) -> None:  # the test's hook
         if not base_buckets:  # the first sync: the base model, kept in the object store for the later ones
             n = ray.get(d.trainers[0].num_buckets.remote(which))
             base_buckets.extend(d.trainers[0].publish_bucket.remote(which, i) for i in range(n))
-            return real_stream(which, receivers)
+            return real_stream(self, which, receivers, version)
         # every later sync "arrives" (the engine records the new version) but carries the base weights
         n = len(base_buckets)
         ray.get(
-            [a.receive_bucket.remote(b, i == n - 1, d.version) for a in receivers for i, b in enumerate(base_buckets)]
+            [a.receive_bucket.remote(b, i == n - 1, version) for a in receivers for i, b in enumerate(base_buckets)]
         )
 
-    d._stream_buckets = resend_the_base_weights
+    real_stream = ObjectStoreTransport.stream
+    monkeypatch.setattr(ObjectStoreTransport, "stream", resend_the_base_weights)  # shipped code is unchanged
     try:
         with pytest.raises(WeightSyncError, match="not sampling from the trainer's weights"):
             d.run()
@@ -203,26 +205,26 @@ def test_call_timeout_is_an_error_not_a_hang(tiny, ray_cluster, tmp_path: Path) 
 
 def test_nonfinite_loss_skips_step_then_aborts(tiny, ray_cluster, tmp_path: Path) -> None:
     from actors.trainer import NonFiniteLossError, StudentTrainer
-    from sdft_ray.network import free_address
+    from sdft_ray.records import Sample
 
     over = tiny_overrides(tiny, tmp_path, train__max_bad_steps=2, loss__importance_clip=0, train__warmup_ratio=0)
     cfg = load_config(None, over)  # no warmup: HF-style warmup gives step 0 an lr of 0
-    tr = StudentTrainer(cfg.to_dict(), total_steps=10, master_port=free_address()[1])
+    tr = StudentTrainer(cfg.to_dict(), total_steps=10)
     items = [
-        {
-            "uid": str(i),
-            "prompt_ids": [5, 6, 7],
-            "teacher_prompt_ids": [5, 8, 9, 7],
-            "completion_ids": [10, 11, 12, 13, 14, 2],
-            "rollout_logprobs": [-1.0] * 6,
-            "version": 0,
-        }
+        Sample(
+            uid=str(i),
+            index=i,
+            prompt_ids=[5, 6, 7],
+            teacher_prompt_ids=[5, 8, 9, 7],
+            completion_ids=[10, 11, 12, 13, 14, 2],
+            rollout_logprobs=[-1.0] * 6,
+        )
         for i in range(4)
     ]
     batch = [ray.put(items)]
     before = {k: v.clone() for k, v in tr.state_dict_cpu().items()}
     ok = tr.train_step(batch)
-    assert ok["skipped_step"] == 0 and torch.isfinite(torch.tensor(ok["loss"]))
+    assert ok.skipped_step == 0 and torch.isfinite(torch.tensor(ok.loss))
     moved = tr.state_dict_cpu()
     assert any(not torch.equal(before[k], moved[k]) for k in before)
 
@@ -235,7 +237,7 @@ def test_nonfinite_loss_skips_step_then_aborts(tiny, ray_cluster, tmp_path: Path
     moments = {id(p): {k: v.clone() for k, v in st.items() if torch.is_tensor(v)} for p, st in adam.state.items()}
     assert moments
     bad = tr.train_step(batch)
-    assert bad["skipped_step"] == 1
+    assert bad.skipped_step == 1
     after = tr.state_dict_cpu()
     assert all(torch.equal(moved[k], after[k]) for k in moved), "a skipped step must not move the student"
     for p, st in adam.state.items():  # F16: nor fold the other micro-batches' gradients into Adam's state
@@ -247,7 +249,7 @@ def test_nonfinite_loss_skips_step_then_aborts(tiny, ray_cluster, tmp_path: Path
     with torch.no_grad():
         for n, p in tr.teacher.model.named_parameters():
             p.copy_(saved[n])
-    assert tr.train_step(batch)["skipped_step"] == 0 and tr.bad_steps == 0
+    assert tr.train_step(batch).skipped_step == 0 and tr.bad_steps == 0
 
 
 def test_secrets_are_redacted() -> None:

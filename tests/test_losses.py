@@ -357,9 +357,10 @@ def test_chunked_loss_equals_materialized_and_reference(kind: str, alpha: float,
 
 def test_missing_rollout_logprobs_are_an_error_not_zeros() -> None:
     from actors.trainer import rollout_logprobs
+    from sdft_ray.records import Sample
 
-    ok = [{"uid": "a", "completion_ids": [1, 2], "rollout_logprobs": [-0.1, -0.2]}]
+    ok = [Sample(uid="a", index=0, prompt_ids=[3], completion_ids=[1, 2], rollout_logprobs=[-0.1, -0.2])]
     assert rollout_logprobs(ok, 3).tolist() == [[pytest.approx(-0.1), pytest.approx(-0.2), 0.0]]
-    short = [{"uid": "b", "completion_ids": [1, 2, 3], "rollout_logprobs": [-0.1]}]
+    short = [Sample(uid="b", index=0, prompt_ids=[3], completion_ids=[1, 2, 3], rollout_logprobs=[-0.1])]
     with pytest.raises(ValueError, match="rollout b: 1 log-probs for 3 tokens"):
         rollout_logprobs(short, 3)

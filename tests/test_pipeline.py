@@ -135,10 +135,10 @@ def test_sft_baseline_same_pipeline(tiny, ray_cluster, tmp_path: Path) -> None:
 
 def test_least_loaded_dispatch(tiny, tmp_path: Path) -> None:
     d = SDFTDriver(load_config(None, tiny_overrides(tiny, tmp_path, rollout__num_engines=2)))
-    d.engine_load = [0, 0]
-    assert d.assign(4) == [[0, 2], [1, 3]]  # equal queues: an even split
-    d.engine_load = [3, 0]  # engine 0 still busy with 3 prompts (e.g. engine 1 was just restarted)
-    assert d.assign(5) == [[3], [0, 1, 2, 4]]
+    d.queue.engine_load = [0, 0]
+    assert d.queue.assign(4) == [[0, 2], [1, 3]]  # equal queues: an even split
+    d.queue.engine_load = [3, 0]  # engine 0 still busy with 3 prompts (e.g. engine 1 was just restarted)
+    assert d.queue.assign(5) == [[3], [0, 1, 2, 4]]
 
 
 def test_two_engines_both_receive_weights(tiny, ray_cluster, tmp_path: Path) -> None:
@@ -207,19 +207,19 @@ def test_chunked_and_materialized_loss_train_identically(tiny, ray_cluster, tmp_
 def test_shared_prompt_prefix_trains_exactly_like_the_plain_forward(tiny, ray_cluster, tmp_path: Path, algo) -> None:
     """The trainer's prefix sharing (student, EMA teacher, SFT) changes the cost of a step, not its result."""
     from actors.trainer import StudentTrainer
-    from sdft_ray.network import free_address
+    from sdft_ray.records import Sample
 
     system = list(range(10, 40))  # 30 tokens every prompt starts with, as a chat system prompt would be
     items = [
-        {
-            "uid": str(i),
-            "prompt_ids": system + [5 + i, 6],
-            "teacher_prompt_ids": system + [8, 5 + i, 9, 7],
-            "completion_ids": [10 + i, 11, 12, 13, 14, 15, 2][: 6 + i],  # past the 3 skipped tokens
-            "demonstration_ids": [12, 13 + i, 2],
-            "rollout_logprobs": [-1.0] * (6 + i),
-            "version": 0,
-        }
+        Sample(
+            uid=str(i),
+            index=i,
+            prompt_ids=system + [5 + i, 6],
+            teacher_prompt_ids=system + [8, 5 + i, 9, 7],
+            completion_ids=[10 + i, 11, 12, 13, 14, 15, 2][: 6 + i],  # past the 3 skipped tokens
+            demonstration_ids=[12, 13 + i, 2],
+            rollout_logprobs=[-1.0] * (6 + i),
+        )
         for i in range(2)
     ]
     outs = []
@@ -233,11 +233,11 @@ def test_shared_prompt_prefix_trains_exactly_like_the_plain_forward(tiny, ray_cl
             train__warmup_ratio=0,
         )
         cfg = load_config(None, over).to_dict()
-        tr = ray.remote(StudentTrainer).options(num_cpus=0.5).remote(cfg, 4, 0, 1, *free_address())
+        tr = ray.remote(StudentTrainer).options(num_cpus=0.5).remote(cfg, 4)
         try:
             first = ray.get(tr.train_step.remote([ray.put(items)]))
             second = ray.get(tr.train_step.remote([ray.put(items)]))  # after an optimizer step and an EMA update
-            outs.append((first["loss"], second["loss"], ray.get(tr.state_dict_cpu.remote())))
+            outs.append((first.loss, second.loss, ray.get(tr.state_dict_cpu.remote())))
         finally:
             ray.kill(tr)
     (a1, a2, sa), (b1, b2, sb) = outs

@@ -6,6 +6,7 @@ seed; an engine that received new weights computes with them, with no KV cached 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from actors.vllm_engine import engine_kwargs
 from sdft_ray.config import Config, load_config
 from sdft_ray.data import load_examples, tokenize_examples
 from sdft_ray.modeling import completion_logits, load_model, load_tokenizer
+from sdft_ray.records import Prompt, Sample
 from sdft_ray.weight_sync import iter_param_buckets
 
 # fp32 on both sides; measured max |diff| here: 4.8e-7 (tiny model, 16 tokens). The bound leaves room for
@@ -37,27 +39,23 @@ def engine(tiny, ray_cluster, tmp_path_factory: pytest.TempPathFactory) -> Any:
     ray.kill(actor)
 
 
-def _items(cfg: Config, n: int, copies: int = 1) -> list[dict[str, Any]]:
+def _items(cfg: Config, n: int, copies: int = 1) -> list[Prompt]:
     tok = load_tokenizer(cfg.model)
     data = tokenize_examples(load_examples(cfg.data)[:n], tok, cfg.data)
-    return [
-        {"uid": f"{d.index}-{k}", "index": d.index, "prompt_ids": d.prompt_ids, "teacher_prompt_ids": []}
-        for d in data
-        for k in range(copies)
-    ]
+    return [Prompt(uid=f"{d.index}-{k}", index=d.index, prompt_ids=d.prompt_ids) for d in data for k in range(copies)]
 
 
-def _trainer_logprobs(model: torch.nn.Module, cfg: Config, outs: list[dict[str, Any]]) -> list[list[float]]:
+def _trainer_logprobs(model: torch.nn.Module, cfg: Config, outs: list[Sample]) -> list[list[float]]:
     """What the trainer computes for the same tokens (its own code path: ``completion_logits``)."""
     pad = load_tokenizer(cfg.model).pad_token_id
-    comps = [o["completion_ids"] for o in outs]
+    comps = [o.completion_ids for o in outs]
     with torch.no_grad():
-        logp = F.log_softmax(completion_logits(model, [o["prompt_ids"] for o in outs], comps, pad).float(), -1)
+        logp = F.log_softmax(completion_logits(model, [o.prompt_ids for o in outs], comps, pad).float(), -1)
     return [logp[i, torch.arange(len(c)), torch.tensor(c)].tolist() for i, c in enumerate(comps)]
 
 
-def _max_diff(outs: list[dict[str, Any]], ref: list[list[float]]) -> float:
-    diffs = [abs(a - b) for o, r in zip(outs, ref, strict=True) for a, b in zip(o["rollout_logprobs"], r, strict=True)]
+def _max_diff(outs: list[Sample], ref: list[list[float]]) -> float:
+    diffs = [abs(a - b) for o, r in zip(outs, ref, strict=True) for a, b in zip(o.rollout_logprobs, r, strict=True)]
     return max(diffs)
 
 
@@ -66,7 +64,7 @@ def test_vllm_logprobs_match_trainer_recompute(engine) -> None:
     cfg, actor = engine
     assert ray.get(actor.backend_name.remote()).startswith("vllm")
     outs = ray.get(actor.generate.remote(_items(cfg, 6), seed=1))
-    assert all(len(o["completion_ids"]) == len(o["rollout_logprobs"]) > 0 for o in outs)
+    assert all(len(o.completion_ids) == len(o.rollout_logprobs) > 0 for o in outs)
     model = load_model(cfg.model, torch.device("cpu")).eval()
     diff = _max_diff(outs, _trainer_logprobs(model, cfg, outs))
     print(f"vLLM vs trainer log-prob max |diff| = {diff:.2e}")
@@ -79,12 +77,12 @@ def test_vllm_rollouts_distinct_per_request_and_reproducible(engine) -> None:
     items = _items(cfg, 2, copies=4)  # what rollout.num_rollouts=4 sends: each prompt four times
     first = ray.get(actor.generate.remote(items, seed=7))
     for prompt in (items[0]["index"], items[4]["index"]):
-        comps = [tuple(o["completion_ids"]) for o in first if o["index"] == prompt]
+        comps = [tuple(o.completion_ids) for o in first if o.index == prompt]
         assert len(comps) == 4 and len(set(comps)) == 4, comps
     again = ray.get(actor.generate.remote(items, seed=7))
-    assert [o["completion_ids"] for o in again] == [o["completion_ids"] for o in first]
+    assert [o.completion_ids for o in again] == [o.completion_ids for o in first]
     other = ray.get(actor.generate.remote(items, seed=8))
-    assert [o["completion_ids"] for o in other] != [o["completion_ids"] for o in first]
+    assert [o.completion_ids for o in other] != [o.completion_ids for o in first]
 
 
 @requires_vllm
@@ -97,11 +95,11 @@ def test_seeded_batch_larger_than_one_step_token_budget(engine) -> None:
     """
     cfg, actor = engine
     base = _items(cfg, 1)[0]
-    prompts = [(base["prompt_ids"] * 40)[-(300 + k) :] for k in range(24)]  # distinct, 7.5k tokens in all
-    items = [{**base, "prompt_ids": p, "uid": f"big-{k}"} for k, p in enumerate(prompts)]
+    prompts = [(base.prompt_ids * 40)[-(300 + k) :] for k in range(24)]  # distinct, 7.5k tokens in all
+    items = [replace(base, prompt_ids=p, uid=f"big-{k}") for k, p in enumerate(prompts)]
     assert sum(len(p) for p in prompts) > 4096
     outs = ray.get(actor.generate.remote(items, seed=11))
-    assert len(outs) == 24 and all(len(o["completion_ids"]) == len(o["rollout_logprobs"]) > 0 for o in outs)
+    assert len(outs) == 24 and all(len(o.completion_ids) == len(o.rollout_logprobs) > 0 for o in outs)
     model = load_model(cfg.model, torch.device("cpu")).eval()
     assert _max_diff(outs[:4], _trainer_logprobs(model, cfg, outs[:4])) < LOGPROB_TOL
 
@@ -114,9 +112,9 @@ def test_weight_update_takes_effect_and_drops_stale_prefix_cache(engine) -> None
     """
     cfg, actor = engine
     base = _items(cfg, 1)[0]
-    long_prompt = (base["prompt_ids"] * 20)[-400:]
+    long_prompt = (base.prompt_ids * 20)[-400:]
     assert len(long_prompt) > 2 * 128
-    item = {**base, "prompt_ids": long_prompt, "uid": "long"}
+    item = replace(base, prompt_ids=long_prompt, uid="long")
     model = load_model(cfg.model, torch.device("cpu")).eval()
     before = ray.get(actor.generate.remote([item], seed=3))
     assert _max_diff(before, _trainer_logprobs(model, cfg, before)) < LOGPROB_TOL

@@ -9,13 +9,17 @@ import pytest
 import torch
 
 from actors.trainer import StudentTrainer
-from actors.vllm_engine import bucket_meta, dtype_name, pack, plan_nbytes, unpack
 from sdft_ray.weight_sync import (
     WeightSyncError,
     bucket_checksum,
+    bucket_meta,
+    dtype_name,
     iter_param_buckets,
     load_bucket_into,
     model_checksum,
+    pack,
+    plan_nbytes,
+    unpack,
 )
 
 
