@@ -10,9 +10,6 @@ sampled-token estimators, shipping only [T, k] log-probs per sequence.
 
 from __future__ import annotations
 
-import json
-import os
-import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -22,6 +19,7 @@ import torch.nn.functional as F
 
 from actors.base import ActorProcess, pin_visible_gpus
 from sdft_ray.config import Config, config_from_dict
+from sdft_ray.errors import ModelError
 from sdft_ray.losses import topk_logprobs
 from sdft_ray.modeling import completion_hidden, completion_logits, device_for, lm_head, load_model, load_tokenizer
 from sdft_ray.records import Sample, TeacherScores
@@ -40,6 +38,18 @@ def _same_device_dtype(
     yield from groups.values()
 
 
+def check_same_weights(teacher: torch.nn.Module, student: torch.nn.Module, where: str) -> None:
+    """An EMA teacher averages the student's weights into its own: names and shapes must match one to one."""
+    theirs = {n: tuple(p.shape) for n, p in teacher.named_parameters()}
+    ours = {n: tuple(getattr(p, "ds_shape", p.shape)) for n, p in student.named_parameters()}
+    if theirs != ours:
+        diff = next((n for n in ours if theirs.get(n) != ours[n]), None) or next(n for n in theirs if n not in ours)
+        raise ModelError(
+            f"teacher.model_path={where} has other weights than the student ({diff}: {theirs.get(diff)} vs "
+            f"{ours.get(diff)}): an EMA teacher must share the student's architecture; use teacher.kind=frozen"
+        )
+
+
 class TeacherScorer:
     """Holds the teacher model (or borrows the live student) and computes teacher-side quantities."""
 
@@ -50,9 +60,11 @@ class TeacherScorer:
             self.model = student  # live student: same parameters, scored without grad
             self.owns_model = False
         else:
-            self.model = load_model(cfg.model, device).eval()
+            self.model = load_model(cfg.model, device, cfg.teacher.model_path or None).eval()
             self.model.requires_grad_(False)
             self.owns_model = True
+            if cfg.teacher.kind == "ema" and cfg.teacher.model_path and student is not None:
+                check_same_weights(self.model, student, cfg.teacher.model_path)
         self.master: dict[str, torch.Tensor] | None = None  # fp32 EMA state when the teacher is low precision
 
     @contextmanager
@@ -152,47 +164,26 @@ class TeacherScorer:
 
 
 class ExternalTeacher:
-    """A teacher behind an OpenAI-compatible server (e.g. ``vllm serve``): top-k prompt logprobs only.
-
-    Uses vLLM's ``prompt_logprobs`` and ``return_tokens_as_token_ids`` extensions so that returned
-    tokens are ids in the shared vocabulary, not strings that would need re-tokenizing.
-    """
+    """A teacher behind an OpenAI-compatible server (``vllm serve``): top-k prompt log-probs only
+    (``sdft_ray/teacher_server.py`` holds the client; the driver checked the server before any actor started)."""
 
     def __init__(self, cfg: Config) -> None:
-        self.cfg = cfg
-        self.url = cfg.teacher.external_url.rstrip("/") + "/v1/completions"
+        from sdft_ray.teacher_server import TeacherServer
 
-    def _prompt_logprobs(self, ids: list[int]) -> list[dict[str, Any] | None]:
-        body = {
-            "model": self.cfg.teacher.external_model or self.cfg.model.path,
-            "prompt": ids,
-            "max_tokens": 1,
-            "prompt_logprobs": self.cfg.teacher.external_top_k,
-            "return_tokens_as_token_ids": True,
-        }
-        req = urllib.request.Request(
-            self.url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
-        )
-        key = os.environ.get("OPENAI_API_KEY")
-        if key:
-            req.add_header("Authorization", f"Bearer {key}")
-        with urllib.request.urlopen(req, timeout=self.cfg.pipeline.call_timeout_s) as resp:
-            return json.loads(resp.read())["choices"][0]["prompt_logprobs"]
+        self.server = TeacherServer(cfg)
+        self.k = cfg.teacher.external_top_k
 
     def compact_scores(self, items: list[Sample]) -> list[TeacherScores]:
-        k = self.cfg.teacher.external_top_k
+        answers = self.server.score_many([(it.teacher_prompt_ids, it.completion_ids) for it in items])
         out = []
-        for it in items:
-            plen, comp = len(it.teacher_prompt_ids), it.completion_ids
-            rows = self._prompt_logprobs(it.teacher_prompt_ids + comp)[plen : plen + len(comp)]
-            vals = torch.full((len(comp), k), -1e4)
-            ids = torch.zeros((len(comp), k), dtype=torch.long)
-            for t, row in enumerate(rows):
-                entries = sorted((row or {}).items(), key=lambda kv: -kv[1]["logprob"])[:k]
-                for j, (tok, info) in enumerate(entries):
-                    ids[t, j] = int(str(tok).removeprefix("token_id:"))
-                    vals[t, j] = float(info["logprob"])
-            out.append(TeacherScores(uid=it.uid, logp_k=vals, ids_k=ids))
+        for it, (ids, vals) in zip(items, answers, strict=True):
+            n = len(it.completion_ids)
+            lp = torch.full((n, self.k), -1e4)  # a position with fewer than k entries: the rest carry no mass
+            ix = torch.zeros((n, self.k), dtype=torch.long)
+            for t, (row_ids, row_vals) in enumerate(zip(ids, vals, strict=True)):
+                ix[t, : len(row_ids)] = torch.tensor(row_ids, dtype=torch.long)
+                lp[t, : len(row_vals)] = torch.tensor(row_vals)
+            out.append(TeacherScores(uid=it.uid, logp_k=lp, ids_k=ix))
         return out
 
 

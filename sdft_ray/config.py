@@ -81,10 +81,16 @@ class TeacherConfig:
     # would never move. auto = on the teacher's device; cpu = in host RAM; off = the official code's bf16 EMA
     ema_master: Literal["auto", "cpu", "off"] = "auto"
     placement: Literal["auto", "colocated", "separate"] = "auto"  # colocated = inside the trainer
+    # a teacher other than the student's base model (TRL's ref_model), e.g. a larger one of the same family; it
+    # must share the student's tokenizer. frozen: any size; ema: the student's architecture (it averages into it)
+    model_path: str = ""
     num_actors: int = 1
-    external_url: str = ""  # OpenAI-compatible server for kind=external
-    external_model: str = ""
-    external_top_k: int = 20
+    external_url: str = ""  # OpenAI-compatible server (`vllm serve`) for kind=external, e.g. http://host:8000
+    external_model: str = ""  # the name it serves the model under; default: model.path
+    external_top_k: int = 20  # log-probs per position (the server's --max-logprobs must allow it)
+    external_concurrency: int = 8  # requests in flight per teacher actor
+    external_timeout_s: float = 120.0  # per request
+    external_retries: int = 2  # after a refused connection, a timeout or a 5xx; 1, 2, 4 s apart
     num_cpus: float = 1.0
     num_gpus: float = 0.0
     torch_threads: int = 1  # separate teacher actors only (a colocated teacher uses the trainer's threads)
@@ -429,9 +435,20 @@ def validate(cfg: Config) -> None:
     need(lo.chunk_tokens >= 0, "loss.chunk_tokens must be >= 0 (0 = materialize the logits)")
     if lo.estimator == "sampled":
         need(lo.divergence == "reverse_kl", "loss.estimator=sampled is only defined for loss.divergence=reverse_kl")
+    if te.model_path:
+        need(
+            te.kind in ("ema", "frozen"),
+            "teacher.model_path needs teacher.kind=frozen or ema (not the live student "
+            "or an external server, which are teachers of their own)",
+        )
     if te.kind == "external":
         need(bool(te.external_url), "teacher.kind=external needs teacher.external_url")
-        need(lo.estimator != "full", "teacher.kind=external only returns top-k logprobs: use loss.estimator=topk")
+        need(lo.estimator == "topk", "teacher.kind=external only returns top-k logprobs: use loss.estimator=topk")
+        need(te.external_concurrency >= 1, "teacher.external_concurrency must be >= 1")
+        need(
+            te.external_timeout_s > 0 and te.external_retries >= 0,
+            "teacher.external_timeout_s must be > 0, teacher.external_retries >= 0",
+        )
         need(cfg.teacher.placement != "colocated", "teacher.kind=external cannot be colocated with the trainer")
     if cfg.teacher_colocated is False and lo.estimator == "topk":
         need(lo.topk_support == "teacher", "loss.topk_support=student needs the teacher colocated with the trainer")

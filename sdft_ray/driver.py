@@ -24,7 +24,7 @@ from sdft_ray.data import LoadReport, PromptSampler, load_examples, tokenize_exa
 from sdft_ray.ds_config import samples_per_step
 from sdft_ray.errors import ActorFailure, WeightSyncError, WeightSyncTimeout
 from sdft_ray.metrics import MetricsLogger
-from sdft_ray.modeling import load_tokenizer
+from sdft_ray.modeling import check_teacher_model, load_tokenizer
 from sdft_ray.network import free_address
 from sdft_ray.records import StepResult
 from sdft_ray.rollout_queue import RolloutQueue
@@ -44,6 +44,16 @@ class SDFTDriver:
         self.data = tokenize_examples(examples, self.tokenizer, cfg.data, self.report)
         if cfg.train.algo == "sft" and any(not d.demonstration_ids for d in self.data):
             raise ValueError(f"{cfg.data.train}: train.algo=sft needs a demonstration in every record")
+        if cfg.teacher.model_path:
+            check_teacher_model(cfg.model, cfg.teacher.model_path, self.tokenizer)
+        if cfg.teacher.kind == "external":  # up, the right model, the same tokenizer: before any actor starts
+            from sdft_ray.teacher_server import TeacherServer
+
+            server = TeacherServer(cfg)
+            try:
+                server.check(self.tokenizer)
+            finally:
+                server.close()
         self.sampler = PromptSampler(len(self.data), cfg.train.batch_size, cfg.train.seed, cfg.data.shuffle)
         t = cfg.train
         self.total_steps = t.steps or t.epochs * self.sampler.steps_per_epoch()

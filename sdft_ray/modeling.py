@@ -119,6 +119,32 @@ def stop_token_ids(tokenizer: Any, model_path: str) -> list[int]:
     return ids
 
 
+def check_teacher_model(cfg: ModelConfig, teacher_path: str, student_tokenizer: Any) -> None:
+    """A teacher model other than the student must read and write the same tokens: the loss compares the two
+    distributions position by position, so another vocabulary (or one padded to another size) would compare
+    probabilities of different tokens."""
+    from dataclasses import replace
+
+    from transformers import AutoConfig
+
+    teacher_tok = load_tokenizer(replace(cfg, path=teacher_path, tokenizer=""))
+    if teacher_tok.get_vocab() != student_tokenizer.get_vocab():
+        raise ModelError(
+            f"teacher.model_path={teacher_path}: its tokenizer differs from the student's "
+            f"({cfg.tokenizer or cfg.path}; {len(teacher_tok)} vs {len(student_tokenizer)} tokens): a teacher must "
+            "share the student's vocabulary"
+        )
+    sizes = [
+        AutoConfig.from_pretrained(p, trust_remote_code=cfg.trust_remote_code).vocab_size
+        for p in (teacher_path, cfg.path)
+    ]
+    if sizes[0] != sizes[1]:
+        raise ModelError(
+            f"teacher.model_path={teacher_path}: its output layer has {sizes[0]} rows, the student's {sizes[1]}: "
+            "the two distributions would not line up"
+        )
+
+
 def load_model(cfg: ModelConfig, device: torch.device, path: str | None = None) -> torch.nn.Module:
     """A causal LM from a hub name or local folder; safetensors only, remote code only when asked."""
     from transformers import AutoModelForCausalLM
