@@ -97,6 +97,14 @@ def main(argv: list[str] | None = None) -> int:
     _job_args(tg)
     tg.add_argument("--data", nargs="+", required=True, metavar="FILE=SCORER", help="eval files and their scorers")
     tg.add_argument("--samples", type=int, default=4, help="samples per example at the rollout temperature")
+    gd = sub.add_parser("generate-demos", help="write demonstrations (golden_response) for a file of prompts")
+    gd.add_argument("--config", default=None)
+    gd.add_argument("--prompts", required=True, help="records with a 'prompt' (text or chat); other fields are kept")
+    gd.add_argument("--out", required=True, help="a .jsonl file; appended to, prompts already in it are skipped")
+    gd.add_argument("--server", default="", help="an OpenAI-compatible server (vllm serve) instead of model.path")
+    gd.add_argument("--server-model", default="", help="the model name the server serves (default: model.path)")
+    gd.add_argument("--greedy", action="store_true", help="greedy decoding instead of rollout.temperature")
+    gd.add_argument("overrides", nargs="*", help="key=value config overrides")
     mt = sub.add_parser("make-tasks", help="write the SmolLM2-scale tasks (tool use, answer tags) and probes")
     mt.add_argument("--out", default="data/smol")
     mt.add_argument("--seed", type=int, default=0)
@@ -196,6 +204,12 @@ def main(argv: list[str] | None = None) -> int:
                 f"(matrix.json, matrix.md, summary.txt beside it); {res['wall_s']:.0f} s: "
                 + ", ".join(f"{k} {v:.0f} s" for k, v in res["phases_s"].items())
             )
+            return 0
+        if args.cmd == "generate-demos":
+            from sdft_ray.demos import generate_demos
+
+            cfg = load_config(args.config, [f"data.train={args.prompts}", *args.overrides])
+            _print(generate_demos(cfg, args.prompts, args.out, args.server, args.server_model, greedy=args.greedy))
             return 0
         cfg = load_config(args.config, args.overrides)
         if args.cmd == "train" and args.dry_run:

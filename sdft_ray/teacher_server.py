@@ -113,3 +113,19 @@ class TeacherServer:
     def score_many(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[list[list[int]], list[list[float]]]]:
         """``top_k_logprobs`` for many samples, ``teacher.external_concurrency`` requests at a time."""
         return list(self.pool.map(lambda pc: self.top_k_logprobs(*pc), pairs))
+
+    def complete(self, prompt: list[int], max_tokens: int, temperature: float, seed: int) -> str:
+        """A completion of ``prompt`` (token ids), sampled by the server: a demonstration for generate-demos."""
+        body = {
+            "model": self.model,
+            "prompt": prompt,
+            "max_tokens": max_tokens,
+            "temperature": temperature,
+            "seed": seed,
+        }
+        return self._request("POST", "/v1/completions", body)["choices"][0]["text"].strip()
+
+    def complete_many(self, prompts: list[list[int]], max_tokens: int, temperature: float, seed: int) -> list[str]:
+        return list(
+            self.pool.map(lambda ip: self.complete(ip[1], max_tokens, temperature, seed + ip[0]), enumerate(prompts))
+        )

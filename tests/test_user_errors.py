@@ -23,6 +23,8 @@ from sdft_ray.cli import main
 from sdft_ray.errors import ModelError
 from sdft_ray.modeling import check_model
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 def _one_line_error(capsys, prefix: str) -> str:
     err = capsys.readouterr().err.strip()
@@ -240,6 +242,10 @@ def test_dry_run_checks_everything_and_touches_nothing(tiny, tmp_path: Path, cap
     plan = json.loads(capsys.readouterr().out)
     assert plan["steps"] == 5 and plan["samples_per_step"] == 4 and plan["data"]["records"] > 0
     assert plan["rollout"] == "hf x 1" and plan["resume_from"] is None
+    import torch
+
+    assert plan["environment"]["torch"].split("+")[0] == torch.__version__.split("+")[0]
+    assert plan["memory_gb"]["trainer"] > 0 and plan["memory_gb"]["rollout engine"] > 0  # sdft-ray memory's roles
     assert not out.exists()  # no folder made, no Ray started
     # bad input fails the dry run exactly as it would fail the run
     assert main(["train", "--dry-run", *tiny_overrides(tiny, out, data__train=str(tmp_path / "none.jsonl"))]) == 2
@@ -250,3 +256,35 @@ def test_dry_run_checks_everything_and_touches_nothing(tiny, tmp_path: Path, cap
     assert main(["train", "--dry-run", *tiny_overrides(tiny, out, train__overwrite="true")]) == 0
     assert "would_delete" in json.loads(capsys.readouterr().out)
     assert (out / "checkpoints" / "step-000002" / "COMPLETE").exists()
+
+
+def test_generate_demos_writes_a_training_file_and_resumes(tiny, tmp_path: Path) -> None:
+    """`sdft-ray generate-demos` on the project's own engine: a file SDFT/SFT can train on; a rerun with more
+    prompts writes only the new ones; a line cut short by a kill is redone; a bad record is one line."""
+    prompts = tmp_path / "prompts.jsonl"
+    out = tmp_path / "demos.jsonl"
+    qs = [{"prompt": f"ab{i}c", "answer": str(i)} for i in range(6)]
+    prompts.write_text("".join(json.dumps(q) + "\n" for q in qs[:4]))
+    over = [f"model.path={tiny['model']}", "rollout.backend=hf", "rollout.max_new_tokens=6", "rollout.num_cpus=0.5"]
+    cmd = [sys.executable, "-m", "sdft_ray.cli", "generate-demos", "--prompts", str(prompts), "--out", str(out), *over]
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert json.loads(first.stdout)["written"] == 4
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == [q["prompt"] for q in qs[:4]] and all("golden_response" in r for r in rows)
+    assert [r["answer"] for r in rows] == ["0", "1", "2", "3"]  # the prompt's other fields are kept
+    out.write_text(out.read_text() + '{"prompt": "ab3c", "gold')  # a kill mid-line
+    prompts.write_text("".join(json.dumps(q) + "\n" for q in qs))
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert json.loads(again.stdout) | {"out": ""} == {"prompts": 6, "already_done": 4, "written": 2, "out": ""}
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 6 and len({r["prompt"] for r in rows}) == 6
+    from sdft_ray.config import DataConfig
+    from sdft_ray.data import load_examples
+
+    assert len(load_examples(DataConfig(train=str(out)))) == 6  # a training file in the golden_response format
+    prompts.write_text(json.dumps({"question": "x"}) + "\n")
+    bad = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert bad.returncode != 0
+    assert bad.stderr.strip().splitlines() == [f"data error: {prompts}: record 0: field 'prompt' is missing"]
