@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from actors.base import ActorProcess, pin_visible_gpus
+from sdft_ray import lora
 from sdft_ray.config import Config, config_from_dict
 from sdft_ray.errors import ModelError
 from sdft_ray.losses import topk_logprobs
@@ -56,7 +57,13 @@ class TeacherScorer:
     def __init__(self, cfg: Config, device: torch.device, student: torch.nn.Module | None = None) -> None:
         self.cfg = cfg
         self.pad = load_tokenizer(cfg.model).pad_token_id
-        if cfg.teacher.kind == "student" and student is not None:
+        self.peft: Any = None  # LoRA: the student's peft wrapper, whose base this teacher shares
+        self.adapter: str | None = None
+        if cfg.model.lora.rank and student is not None:
+            # the student's own base; the teacher is an adapter on it: "ema" (EMA), none (frozen), the student's
+            self.peft, self.model, self.owns_model = student, lora.hf_model(student), False
+            self.adapter = {"ema": lora.TEACHER, "frozen": None, "student": lora.STUDENT}[cfg.teacher.kind]
+        elif cfg.teacher.kind == "student" and student is not None:
             self.model = student  # live student: same parameters, scored without grad
             self.owns_model = False
         else:
@@ -73,7 +80,11 @@ class TeacherScorer:
         was_training = self.model.training
         self.model.eval()
         try:
-            yield
+            if self.peft is not None:  # the teacher's adapter on the shared base, then the student's again
+                with lora.active(self.peft, self.adapter):
+                    yield
+            else:
+                yield
         finally:
             self.model.train(was_training)
 
@@ -113,10 +124,16 @@ class TeacherScorer:
                 out.append(TeacherScores(uid=it.uid, logp_k=vals, ids_k=idx))
         return out
 
+    def _ema_params(self) -> list[tuple[str, torch.nn.Parameter]]:
+        """What the EMA averages: every weight, or with LoRA the teacher's adapter (the base is shared, frozen)."""
+        if self.peft is not None:
+            return lora.adapter_params(self.model, lora.TEACHER)
+        return list(self.model.named_parameters())
+
     def _ema_master(self) -> dict[str, torch.Tensor] | None:
         mode = self.cfg.teacher.ema_master
         if self.master is None and mode != "off":
-            params = list(self.model.named_parameters())
+            params = self._ema_params()
             if any(p.dtype != torch.float32 for _, p in params):
                 self.master = {
                     n: p.detach().to("cpu" if mode == "cpu" else p.device, torch.float32, copy=True) for n, p in params
@@ -144,7 +161,7 @@ class TeacherScorer:
 
     def ema_state(self) -> dict[str, torch.Tensor]:
         """What a checkpoint keeps of the teacher: the fp32 master when there is one, so a resume loses nothing."""
-        master = self.master or {n: p.detach() for n, p in self.model.named_parameters()}
+        master = self.master or {n: p.detach() for n, p in self._ema_params()}
         return {n: t.detach().cpu().contiguous() for n, t in master.items()}
 
     @torch.no_grad()

@@ -19,6 +19,7 @@ import torch
 
 from actors.base import ActorProcess, pin_visible_gpus
 from actors.teacher import TeacherScorer
+from sdft_ray import lora
 from sdft_ray.config import config_from_dict
 from sdft_ray.ds_config import deepspeed_config, grad_accum_steps, lr_lambda
 from sdft_ray.errors import NonFiniteLossError
@@ -38,6 +39,8 @@ from sdft_ray.records import Sample, StepResult, TeacherScores
 from sdft_ray.weight_sync import (
     Bucket,
     Meta,
+    Named,
+    Transform,
     broadcast_bucket,
     bucket_checksum,
     bucket_groups,
@@ -120,18 +123,25 @@ class StudentTrainer(ActorProcess):
         if cfg.model.gradient_checkpointing:
             model.gradient_checkpointing_enable()
             model.config.use_cache = False
+        self.lora = cfg.model.lora.rank > 0
+        if self.lora:
+            ema = cfg.train.algo == "sdft" and cfg.teacher.kind == "ema"
+            model = lora.wrap(model, cfg.model.lora, ema_teacher=ema)
+            if cfg.model.gradient_checkpointing:
+                model.enable_input_require_grads()  # the frozen embeddings would otherwise cut the graph
         bf16 = next(model.parameters()).dtype == torch.bfloat16
         t = cfg.train
         ds_cfg = deepspeed_config(cfg, bf16)
+        trainable = [p for p in model.parameters() if p.requires_grad]  # LoRA: the adapter; no state for the base
         optimizer = None
         if not t.offload_optimizer:
-            optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=t.adam_betas, weight_decay=t.weight_decay)
+            optimizer = torch.optim.AdamW(trainable, lr=t.lr, betas=t.adam_betas, weight_decay=t.weight_decay)
         self.total_steps = total_steps
         sched = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total_steps))
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model,
             optimizer=optimizer,
-            model_parameters=model.parameters() if optimizer is None else None,
+            model_parameters=trainable if optimizer is None else None,
             lr_scheduler=sched,
             config=ds_cfg,
             dist_init_required=False,  # init_process_group above
@@ -152,7 +162,8 @@ class StudentTrainer(ActorProcess):
 
     @property
     def module(self) -> torch.nn.Module:
-        return self.engine.module
+        """The transformers model the forwards run (with LoRA: the one inside peft's wrapper, adapters in it)."""
+        return lora.hf_model(self.engine.module) if self.lora else self.engine.module
 
     def _bucket_bytes(self) -> int:
         return int(self.cfg.pipeline.sync_bucket_mb * 2**20)
@@ -396,6 +407,10 @@ class StudentTrainer(ActorProcess):
         if self.teacher is None or self.cfg.teacher.kind != "ema":
             return
         rate = self.cfg.teacher.ema_rate
+        if self.lora:  # the student's adapter into the teacher's; the base is shared and never moves
+            student = lora.adapter_params(self.module, lora.STUDENT)
+            self.teacher.ema_update([(lora.teacher_name(n), p.detach()) for n, p in student], rate)
+            return
         if self.cfg.train.zero_stage < 3:  # full tensors on this rank already: read them in place, no bucket copies
             self.teacher.ema_update([(n, p.detach()) for n, p in self.module.named_parameters()], rate)
             return
@@ -412,8 +427,8 @@ class StudentTrainer(ActorProcess):
 
         Every rank must call this under ZeRO-3 (the gather is collective); ranks > 0 return None.
         """
-        module, stage = self._source(which)
-        b = gather_bucket(bucket_groups(module, self._bucket_bytes())[index], stage)
+        named, stage, transform = self._source(which)
+        b = gather_bucket(bucket_groups(named, self._bucket_bytes())[index], stage, transform=transform)
         if self.rank != 0:
             return None
         if self.cfg.pipeline.verify_weight_checksums:
@@ -423,13 +438,13 @@ class StudentTrainer(ActorProcess):
     # GPU transports (vLLM engines): NCCL broadcast or CUDA IPC, one flat buffer per bucket
     def sync_plan(self, which: str = "student") -> list[Meta]:
         """Bucket layout (names, dtypes, full shapes) without gathering: engines allocate before the send."""
-        module, _ = self._source(which)
+        named, _, _ = self._source(which)
         return [
             [
                 (name, dtype_name(p.dtype), tuple(p.ds_shape) if hasattr(p, "ds_shape") else tuple(p.shape))
                 for name, p in g
             ]
-            for g in bucket_groups(module, self._bucket_bytes())
+            for g in bucket_groups(named, self._bucket_bytes())
         ]
 
     def init_weight_group(self, host: str, port: int, world_size: int) -> None:
@@ -442,8 +457,8 @@ class StudentTrainer(ActorProcess):
 
     def send_nccl(self, which: str = "student") -> float:
         t0 = time.perf_counter()
-        module, stage = self._source(which)
-        for b in iter_param_buckets(module, self._bucket_bytes(), stage, to_cpu=False):
+        named, stage, transform = self._source(which)
+        for b in iter_param_buckets(named, self._bucket_bytes(), stage, to_cpu=False, transform=transform):
             if self.rank == 0:
                 broadcast_bucket(self._weight_group, b)
         return time.perf_counter() - t0
@@ -451,8 +466,8 @@ class StudentTrainer(ActorProcess):
     def ipc_bucket(self, i: int, which: str = "student") -> dict[str, Any]:
         """CUDA IPC handle of bucket ``i`` packed on this GPU; kept alive until the next call or ipc_done."""
         if i == 0:  # one pass over the buckets per sync; only the current one is materialized
-            module, stage = self._source(which)
-            self._ipc_iter = iter_param_buckets(module, self._bucket_bytes(), stage, to_cpu=False)
+            named, stage, transform = self._source(which)
+            self._ipc_iter = iter_param_buckets(named, self._bucket_bytes(), stage, to_cpu=False, transform=transform)
         bucket = next(self._ipc_iter)
         self._ipc_flat = pack(bucket.tensors)
         torch.cuda.synchronize()
@@ -465,15 +480,20 @@ class StudentTrainer(ActorProcess):
 
     def buckets(self, which: str = "student") -> list[Bucket]:
         """The same buckets, in-process (used by GPU transports and tests)."""
-        module, stage = self._source(which)
-        return list(iter_param_buckets(module, self._bucket_bytes(), stage))
+        named, stage, transform = self._source(which)
+        return list(iter_param_buckets(named, self._bucket_bytes(), stage, transform=transform))
 
-    def _source(self, which: str) -> tuple[torch.nn.Module, int]:
+    def _source(self, which: str) -> tuple[Named, int, Transform | None]:
+        """What a sync of ``which`` sends: (name, parameter) as receivers name them, the ZeRO stage to gather
+        under, and the per-tensor transform (LoRA: fold that role's adapter into the base weight)."""
+        if which == "teacher" and self.teacher is None:
+            raise ValueError("this trainer holds no teacher weights")
+        if self.lora:
+            adapter = lora.TEACHER if which == "teacher" else lora.STUDENT
+            return lora.merged_names(self.engine.module), 0, lora.Merger(self.engine.module, adapter)
         if which == "teacher":
-            if self.teacher is None:
-                raise ValueError("this trainer holds no teacher weights")
-            return self.teacher.model, 0
-        return self.module, self.cfg.train.zero_stage
+            return list(self.teacher.model.named_parameters()), 0, None
+        return list(self.module.named_parameters()), self.cfg.train.zero_stage, None
 
     def checksum(self, which: str = "student") -> str:
         return model_checksum((n, t) for b in self.buckets(which) for n, t in zip(b.names, b.tensors, strict=True))
@@ -483,12 +503,15 @@ class StudentTrainer(ActorProcess):
 
     # ------------------------------------------------------------ checkpoints
     def save(self, path: str) -> None:
-        """Student (HF + safetensors), EMA teacher, and DeepSpeed optimizer/scheduler state under ``path``."""
+        """Student (HF + safetensors; with LoRA merged, plus the adapters), EMA teacher, and DeepSpeed's
+        optimizer/scheduler state (with LoRA it holds the EMA adapter too, as a module weight) under ``path``."""
         root = Path(path)
         student = self.state_dict_cpu("student")
         if self.rank == 0:
             self.module.save_pretrained(root / "student", state_dict=student, safe_serialization=True)
             self.tokenizer.save_pretrained(root / "student")
+            if self.lora:  # PEFT format, for PeftModel.from_pretrained(base, ...): the student's, the EMA's in ema/
+                self.engine.module.save_pretrained(root / "adapter")
             if self.teacher is not None and self.teacher.owns_model:
                 self.teacher.model.save_pretrained(
                     root / "teacher", state_dict=self.teacher.ema_state(), safe_serialization=True

@@ -105,6 +105,10 @@ def main(argv: list[str] | None = None) -> int:
     gd.add_argument("--server-model", default="", help="the model name the server serves (default: model.path)")
     gd.add_argument("--greedy", action="store_true", help="greedy decoding instead of rollout.temperature")
     gd.add_argument("overrides", nargs="*", help="key=value config overrides")
+    ex = sub.add_parser("export", help="a LoRA run's checkpoint as a PEFT adapter, or merged into its base (--merge)")
+    ex.add_argument("checkpoint", help="runs/NAME/checkpoints/step-NNNNNN")
+    ex.add_argument("--out", required=True)
+    ex.add_argument("--merge", action="store_true", help="write a plain HF model: base + adapter, merged")
     mt = sub.add_parser("make-tasks", help="write the SmolLM2-scale tasks (tool use, answer tags) and probes")
     mt.add_argument("--out", default="data/smol")
     mt.add_argument("--seed", type=int, default=0)
@@ -163,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
                     file=sys.stderr,
                 )
                 return 2
-            shape = ModelShape.from_hf_config(hf_config)
+            shape = ModelShape.from_hf_config(hf_config, cfg.model.lora)
             lines = budget(cfg, shape, args.gpu_gb)
             if cfg.train.num_gpus == 0:
                 from sdft_ray.memory_budget import machine_gb, measured_peaks, render_cpu
@@ -204,6 +208,11 @@ def main(argv: list[str] | None = None) -> int:
                 f"(matrix.json, matrix.md, summary.txt beside it); {res['wall_s']:.0f} s: "
                 + ", ".join(f"{k} {v:.0f} s" for k, v in res["phases_s"].items())
             )
+            return 0
+        if args.cmd == "export":
+            from sdft_ray.lora import export
+
+            _print(export(args.checkpoint, args.out, args.merge))
             return 0
         if args.cmd == "generate-demos":
             from sdft_ray.demos import generate_demos

@@ -26,6 +26,14 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class LoraSettings:
+    rank: int = 0  # 0 = full fine-tuning; > 0 trains a LoRA adapter of this rank (peft) on a frozen base
+    alpha: float = 16.0  # scale = alpha / rank
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=list)  # [] = every linear layer but the LM head
+
+
+@dataclass
 class ModelConfig:
     path: str = ""  # HF hub name or local folder (save_pretrained layout)
     tokenizer: str = ""  # defaults to `path`
@@ -33,6 +41,7 @@ class ModelConfig:
     trust_remote_code: bool = False  # off unless asked: remote code runs with the job's privileges
     gradient_checkpointing: bool = False
     attn_implementation: str = ""  # "" = transformers' default (sdpa)
+    lora: LoraSettings = field(default_factory=LoraSettings)
 
 
 @dataclass
@@ -435,6 +444,22 @@ def validate(cfg: Config) -> None:
     need(lo.chunk_tokens >= 0, "loss.chunk_tokens must be >= 0 (0 = materialize the logits)")
     if lo.estimator == "sampled":
         need(lo.divergence == "reverse_kl", "loss.estimator=sampled is only defined for loss.divergence=reverse_kl")
+    lora = cfg.model.lora
+    if lora.rank:
+        need(
+            lora.rank > 0 and lora.alpha > 0 and 0 <= lora.dropout < 1,
+            "model.lora: rank and alpha must be > 0, dropout in [0, 1)",
+        )
+        need(
+            t.zero_stage < 3,
+            "model.lora needs train.zero_stage 0-2: ZeRO-3 would partition a base that never "
+            "trains, and the adapter is too small to need it",
+        )
+        need(
+            not te.model_path,
+            "model.lora with teacher.model_path: the LoRA teacher is the student's own base "
+            "plus an adapter; a teacher model of its own needs full fine-tuning",
+        )
     if te.model_path:
         need(
             te.kind in ("ema", "frozen"),

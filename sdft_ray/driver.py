@@ -101,7 +101,7 @@ class SDFTDriver:
         from sdft_ray import memory_budget as mb
 
         try:
-            shape = mb.ModelShape.from_hf_config(AutoConfig.from_pretrained(self.cfg.model.path))
+            shape = mb.ModelShape.from_hf_config(AutoConfig.from_pretrained(self.cfg.model.path), self.cfg.model.lora)
         except (OSError, ValueError, AttributeError) as e:
             return f"not estimated ({type(e).__name__})"
         lines = mb.budget(self.cfg, shape)

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from sdft_ray.config import Config
+from sdft_ray.config import Config, LoraSettings
 from sdft_ray.ds_config import REDUCE_BUCKET, grad_accum_steps
 from sdft_ray.modeling import resolve_dtype
 
@@ -36,15 +36,22 @@ class ModelShape:
     intermediate: int
     layers: int
     kv_bytes_per_token: int  # K and V of every layer, 16-bit
+    adapter_params: int = 0  # model.lora: the trainable adapter's parameters
 
     @classmethod
-    def from_hf_config(cls, hf_config: Any) -> ModelShape:
+    def from_hf_config(cls, hf_config: Any, lora: LoraSettings | None = None) -> ModelShape:
         """Exact parameter counts from the architecture, built on the meta device (no weights, no memory)."""
         from transformers import AutoModelForCausalLM
 
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(hf_config)
         sizes = [p.numel() for p in model.parameters()]
+        adapter = 0
+        if lora is not None and lora.rank:
+            from sdft_ray import lora as lora_mod
+
+            with torch.device("meta"):
+                adapter = sum(p.numel() for p in lora_mod.wrap(model, lora, False).parameters() if p.requires_grad)
         c = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
         heads = c.num_attention_heads
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
@@ -57,6 +64,7 @@ class ModelShape:
             intermediate=getattr(c, "intermediate_size", None) or 4 * c.hidden_size,
             layers=c.num_hidden_layers,
             kv_bytes_per_token=2 * c.num_hidden_layers * kv_heads * head_dim * 2,
+            adapter_params=adapter,
         )
 
 
@@ -79,13 +87,67 @@ PROCESS_GB = {"trainer": 0.7, "rollout engine": 2.3, "driver": 0.7}
 
 def budget(cfg: Config, shape: ModelShape, gpu_gb: float = 141.0) -> list[Line]:
     """Every line of the budget for one trainer rank's GPU, the engine's share of the GPU, and the host."""
-    t, r, te, lo = cfg.train, cfg.rollout, cfg.teacher, cfg.loss
+    t, r, lo = cfg.train, cfg.rollout, cfg.loss
     on_gpu = t.num_gpus > 0
     w = resolve_dtype(cfg.model.dtype, torch.device("cuda" if on_gpu else "cpu")).itemsize  # as the trainer loads
     n, p = t.num_trainers, shape.params
     shard = p / n if t.zero_stage >= 1 else p
     tokens = t.micro_batch_size * (cfg.data.max_prompt_length + r.max_new_tokens)
     dev = "GPU trainer" if on_gpu else "host"
+    if cfg.model.lora.rank:
+        lines = _lora_trainer(cfg, shape, w, dev)
+    else:
+        lines = _full_trainer(cfg, shape, w, dev, shard)
+    act = shape.layers * tokens * shape.hidden * w if cfg.model.gradient_checkpointing else 0
+    if not on_gpu and not cfg.model.gradient_checkpointing:
+        # what autograd keeps per token and layer, roughly: the inputs of the attention and MLP projections, the
+        # norms and the residual stream (~8 x hidden), and the MLP's gate, up, activation and product (4 x inter)
+        per_token = shape.layers * (8 * shape.hidden + 4 * shape.intermediate) * w
+        lines.append(
+            Line(dev, f"activations: {tokens} tokens (micro-batch x (max prompt + new tokens))", tokens * per_token)
+        )
+    if act:
+        lines.append(Line(dev, f"activations: one input per layer ({tokens} tokens, gradient checkpointing)", act))
+        recompute = tokens * (4 * shape.hidden + 3 * shape.intermediate) * w
+        lines.append(Line(dev, "activations: one layer recomputed in the backward pass", recompute))
+    chunk = lo.chunk_tokens or tokens
+    lines.append(
+        Line(
+            dev,
+            f"loss: {min(chunk, tokens)}-token chunk of {shape.vocab}-vocab logits (fp32, ~6 tensors) + head grad",
+            6 * 4 * min(chunk, tokens) * shape.vocab + 4 * shape.vocab * shape.hidden,
+        )
+    )
+    if cfg.weight_transport in ("ipc", "nccl"):
+        lines.append(Line(dev, "weight-sync bucket + its packed copy", 2 * cfg.pipeline.sync_bucket_mb * 2**20))
+    if on_gpu:
+        if cfg.model.lora.rank:  # the teacher is an adapter on the student's base: one copy loads
+            lines.append(Line("host", "base model loaded on CPU before moving to the GPU", w * p, "start-up"))
+        else:
+            lines.append(
+                Line("host", "student + teacher loaded on CPU before moving to the GPU", 2 * w * p, "start-up")
+            )
+    else:
+        lines = [Line(x.where, x.what, x.bytes, x.when, "trainer") for x in lines]
+        lines += _cpu_roles(cfg, shape, w)
+    if r.backend == "vllm" and r.num_gpus:
+        weights = w * p / r.tensor_parallel_size
+        if r.kv_cache_memory_gb:
+            kv, how = r.kv_cache_memory_gb * 2**30, f"kv_cache_memory_gb {r.kv_cache_memory_gb:g}"
+            engine = weights + kv + 2 * GB  # + CUDA context, activations of the profile run
+        else:
+            engine = r.gpu_memory_utilization * gpu_gb * GB
+            kv, how = engine - weights - 2 * GB, f"gpu_memory_utilization {r.gpu_memory_utilization:g} x {gpu_gb:g} GB"
+        tokens_kv = int(kv / (shape.kv_bytes_per_token / r.tensor_parallel_size))
+        lines.append(Line("GPU vLLM", f"{how}: weights + KV cache for ~{tokens_kv:,} tokens", engine))
+        if r.enable_sleep_mode:
+            lines.append(Line("GPU vLLM", "asleep (level 2): CUDA context and graph pool", 2 * GB, "asleep"))
+    return lines
+
+
+def _full_trainer(cfg: Config, shape: ModelShape, w: int, dev: str, shard: float) -> list[Line]:
+    """Full fine-tuning: weights, gradients, optimizer state and teacher copies of one trainer rank."""
+    t, te, p = cfg.train, cfg.teacher, shape.params
     lines = [
         Line(
             dev,
@@ -120,45 +182,20 @@ def budget(cfg: Config, shape: ModelShape, gpu_gb: float = 141.0) -> list[Line]:
         lines.append(Line(dev, f"{te.kind.upper() if te.kind == 'ema' else te.kind} teacher weights", w * p))
         if te.kind == "ema" and w < 4 and te.ema_master != "off":  # auto: on the teacher's device
             lines.append(Line("host" if te.ema_master == "cpu" else dev, "EMA teacher fp32 master", 4 * p))
-    act = shape.layers * tokens * shape.hidden * w if cfg.model.gradient_checkpointing else 0
-    if not on_gpu and not cfg.model.gradient_checkpointing:
-        # what autograd keeps per token and layer, roughly: the inputs of the attention and MLP projections, the
-        # norms and the residual stream (~8 x hidden), and the MLP's gate, up, activation and product (4 x inter)
-        per_token = shape.layers * (8 * shape.hidden + 4 * shape.intermediate) * w
-        lines.append(
-            Line(dev, f"activations: {tokens} tokens (micro-batch x (max prompt + new tokens))", tokens * per_token)
-        )
-    if act:
-        lines.append(Line(dev, f"activations: one input per layer ({tokens} tokens, gradient checkpointing)", act))
-        recompute = tokens * (4 * shape.hidden + 3 * shape.intermediate) * w
-        lines.append(Line(dev, "activations: one layer recomputed in the backward pass", recompute))
-    chunk = lo.chunk_tokens or tokens
-    lines.append(
-        Line(
-            dev,
-            f"loss: {min(chunk, tokens)}-token chunk of {shape.vocab}-vocab logits (fp32, ~6 tensors) + head grad",
-            6 * 4 * min(chunk, tokens) * shape.vocab + 4 * shape.vocab * shape.hidden,
-        )
-    )
-    if cfg.weight_transport in ("ipc", "nccl"):
-        lines.append(Line(dev, "weight-sync bucket + its packed copy", 2 * cfg.pipeline.sync_bucket_mb * 2**20))
-    if on_gpu:
-        lines.append(Line("host", "student + teacher loaded on CPU before moving to the GPU", 2 * w * p, "start-up"))
-    else:
-        lines = [Line(x.where, x.what, x.bytes, x.when, "trainer") for x in lines]
-        lines += _cpu_roles(cfg, shape, w)
-    if r.backend == "vllm" and r.num_gpus:
-        weights = w * p / r.tensor_parallel_size
-        if r.kv_cache_memory_gb:
-            kv, how = r.kv_cache_memory_gb * 2**30, f"kv_cache_memory_gb {r.kv_cache_memory_gb:g}"
-            engine = weights + kv + 2 * GB  # + CUDA context, activations of the profile run
-        else:
-            engine = r.gpu_memory_utilization * gpu_gb * GB
-            kv, how = engine - weights - 2 * GB, f"gpu_memory_utilization {r.gpu_memory_utilization:g} x {gpu_gb:g} GB"
-        tokens_kv = int(kv / (shape.kv_bytes_per_token / r.tensor_parallel_size))
-        lines.append(Line("GPU vLLM", f"{how}: weights + KV cache for ~{tokens_kv:,} tokens", engine))
-        if r.enable_sleep_mode:
-            lines.append(Line("GPU vLLM", "asleep (level 2): CUDA context and graph pool", 2 * GB, "asleep"))
+    return lines
+
+
+def _lora_trainer(cfg: Config, shape: ModelShape, w: int, dev: str) -> list[Line]:
+    """LoRA: the frozen base once (the teacher shares it), and only the adapter's gradients, Adam state and EMA
+    (peft keeps adapters in fp32)."""
+    a, te = shape.adapter_params, cfg.teacher
+    lines = [
+        Line(dev, "student: frozen base weights", w * shape.params),
+        Line(dev, f"LoRA adapter (rank {cfg.model.lora.rank}, fp32) + its grads", 8 * a),
+        Line(dev, "Adam m, v of the adapter", 8 * a),
+    ]
+    if cfg.train.algo == "sdft" and te.kind == "ema":
+        lines.append(Line(dev, "EMA teacher: an adapter on the shared base (fp32)", 4 * a))
     return lines
 
 

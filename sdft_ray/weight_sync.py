@@ -8,7 +8,7 @@ moves them, and the driver's side of each, is ``weight_transport.py``.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -86,13 +86,22 @@ def _nbytes(p: torch.nn.Parameter) -> int:
     return (p.ds_numel if hasattr(p, "ds_numel") else p.numel()) * p.element_size()
 
 
-def bucket_groups(module: torch.nn.Module, bucket_bytes: int) -> list[list[tuple[str, torch.nn.Parameter]]]:
+Named = list[tuple[str, torch.nn.Parameter]]
+Transform = Callable[[str, torch.Tensor], torch.Tensor]
+
+
+def _named(source: torch.nn.Module | Named) -> Named:
+    return list(source.named_parameters()) if isinstance(source, torch.nn.Module) else source
+
+
+def bucket_groups(source: torch.nn.Module | Named, bucket_bytes: int) -> list[Named]:
     """The one bucket plan: consecutive parameters up to ``bucket_bytes`` each (a larger tensor is a bucket of
     its own). Every transport and both sides of a sync derive their buckets from this, never on their own.
-    Tied parameters appear once, under their first name."""
-    groups: list[list[tuple[str, torch.nn.Parameter]]] = []
+    Tied parameters appear once, under their first name. ``source``: a module, or its (name, parameter)
+    list as receivers know it (LoRA: the plain model's names)."""
+    groups: list[Named] = []
     total = 0
-    for name, p in module.named_parameters():
+    for name, p in _named(source):
         if groups and total + _nbytes(p) <= bucket_bytes:
             groups[-1].append((name, p))
             total += _nbytes(p)
@@ -102,22 +111,30 @@ def bucket_groups(module: torch.nn.Module, bucket_bytes: int) -> list[list[tuple
     return groups
 
 
-def gather_bucket(group: list[tuple[str, torch.nn.Parameter]], zero_stage: int = 0, to_cpu: bool = True) -> Bucket:
-    """One bucket of full (gathered) tensors, copied out of the training graph.
+def gather_bucket(group: Named, zero_stage: int = 0, to_cpu: bool = True, transform: Transform | None = None) -> Bucket:
+    """One bucket of full (gathered) tensors, copied out of the training graph; ``transform`` (name, tensor) ->
+    tensor makes what is sent from what is held (LoRA: the adapter folded into the base weight).
 
     Collective under ZeRO-3: every trainer rank must call it for the same group; ranks > 0 may drop the result.
     """
     with _gathered([p for _, p in group], zero_stage):
-        tensors = [p.detach().to("cpu", copy=True) if to_cpu else p.detach().clone() for _, p in group]
+        tensors = []
+        for name, p in group:
+            t = p.detach() if transform is None else transform(name, p.detach())
+            tensors.append(t.to("cpu", copy=True) if to_cpu else t.clone())
     return Bucket([n for n, _ in group], tensors)
 
 
 def iter_param_buckets(
-    module: torch.nn.Module, bucket_bytes: int, zero_stage: int = 0, to_cpu: bool = True
+    source: torch.nn.Module | Named,
+    bucket_bytes: int,
+    zero_stage: int = 0,
+    to_cpu: bool = True,
+    transform: Transform | None = None,
 ) -> Iterator[Bucket]:
     """Every bucket of ``bucket_groups``, in order (collective under ZeRO-3, as ``gather_bucket``)."""
-    for group in bucket_groups(module, bucket_bytes):
-        yield gather_bucket(group, zero_stage, to_cpu)
+    for group in bucket_groups(source, bucket_bytes):
+        yield gather_bucket(group, zero_stage, to_cpu, transform)
 
 
 def load_bucket_into(module: torch.nn.Module, bucket: Bucket, verify: bool = False) -> None:

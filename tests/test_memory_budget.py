@@ -133,3 +133,39 @@ def test_memory_measured_prints_each_roles_peak_beside_the_budget(tiny, ray_clus
     assert row.split("|")[3].strip() == f"{peaks['trainer0']:.1f}"
     assert main(["memory", *over, "--measured", str(tmp_path / "nothing")]) == 2
     assert "no metrics.jsonl there" in capsys.readouterr().err
+
+
+QWEN25_14B = Qwen2Config(
+    hidden_size=5120,
+    intermediate_size=13824,
+    num_attention_heads=40,
+    num_hidden_layers=48,
+    num_key_value_heads=8,
+    vocab_size=152064,
+    tie_word_embeddings=False,
+)
+
+
+def test_lora_counts_the_adapter_and_one_base(qwen: ModelShape) -> None:
+    """LoRA on every linear layer: r x (in + out) per adapted matrix; no optimizer state, gradients or teacher
+    copy for the base."""
+    cfg = load_config("configs/single_h200_lora.yaml")
+    lora = ModelShape.from_hf_config(QWEN25_14B, cfg.model.lora)
+    r, h, kv, i = 64, 5120, 1024, 13824
+    per_layer = r * ((h + h) * 2 + (h + kv) * 2 + (h + i) * 3)  # q, o; k, v; gate, up, down
+    assert lora.adapter_params == 48 * per_layer
+    lines = {x.what: x.bytes for x in budget(cfg, lora)}
+    assert lines["student: frozen base weights"] == 2 * lora.params  # bf16, once
+    assert not any("fp32 master" in k or "teacher weights" in k for k in lines)
+    assert lines["Adam m, v of the adapter"] == 8 * lora.adapter_params
+
+
+def test_lora_h200_config_comment_is_the_computed_budget() -> None:
+    cfg = load_config("configs/single_h200_lora.yaml")
+    s = summary(budget(cfg, ModelShape.from_hf_config(QWEN25_14B, cfg.model.lora), gpu_gb=141))
+    text = Path("configs/single_h200_lora.yaml").read_text()
+    gpu = re.search(r"= (\d+) of 141 GB", text)
+    start = re.search(r"(\d+) GB at start-up", text)
+    assert gpu and start, "the budget lines in configs/single_h200_lora.yaml changed shape"
+    assert int(gpu.group(1)) == round(s["gpu_shared_peak_gb"]) and s["gpu_shared_peak_gb"] < 141
+    assert int(start.group(1)) == round(s["host_start_gb"])
