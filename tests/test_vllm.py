@@ -76,7 +76,7 @@ def test_vllm_rollouts_distinct_per_request_and_reproducible(engine) -> None:
     cfg, actor = engine
     items = _items(cfg, 2, copies=4)  # what rollout.num_rollouts=4 sends: each prompt four times
     first = ray.get(actor.generate.remote(items, seed=7))
-    for prompt in (items[0]["index"], items[4]["index"]):
+    for prompt in (items[0].index, items[4].index):
         comps = [tuple(o.completion_ids) for o in first if o.index == prompt]
         assert len(comps) == 4 and len(set(comps)) == 4, comps
     again = ray.get(actor.generate.remote(items, seed=7))

@@ -86,7 +86,9 @@ def test_pack_unpack_roundtrip_mixed_dtypes() -> None:
 def test_nccl_plan_matches_actual_buckets(bucket_mb: float) -> None:
     """Engines allocate receive buffers from the plan before the send: it must equal what is sent."""
     m = _model()
-    fake = SimpleNamespace(_source=lambda which: (m, 0), _bucket_bytes=lambda: int(bucket_mb * 2**20))
+    fake = SimpleNamespace(
+        _source=lambda which: (list(m.named_parameters()), 0, None), _bucket_bytes=lambda: int(bucket_mb * 2**20)
+    )
     plan = StudentTrainer.sync_plan(fake)
     sent = [bucket_meta(b) for b in iter_param_buckets(m, int(bucket_mb * 2**20))]
     assert plan == sent
