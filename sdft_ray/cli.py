@@ -152,14 +152,12 @@ def main(argv: list[str] | None = None) -> int:
             print(report(measure(args.tokens, args.chunk, args.device), args.out, args.device))
             return 0
         if args.cmd == "memory":
-            from transformers import AutoConfig
-
-            from sdft_ray.memory_budget import ModelShape, budget, render
+            from sdft_ray.memory_budget import ModelShape, budget, model_config, render
 
             cfg = load_config(args.config, args.overrides)
             source = args.model_config or cfg.model.path
             try:
-                hf_config = AutoConfig.from_pretrained(source)
+                hf_config, _ = model_config(source)
             except (OSError, ValueError) as e:
                 print(
                     f"error: cannot read the model's config from {source} ({first_line(e)}); "

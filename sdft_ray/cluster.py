@@ -49,6 +49,8 @@ def actor_runtime_env(threads: int) -> dict[str, Any]:
             # threshold rises after the first large free, after which activations come from the heap and are
             # kept: a 0.5B trainer on CPU then grew by ~1 GB per step until Ray's memory monitor killed it.
             "MALLOC_MMAP_THRESHOLD_": str(1 << 20),
+            # the driver found the hub unreachable and the model cached (sdft_ray/hub.py): actors read the cache
+            **({"HF_HUB_OFFLINE": os.environ["HF_HUB_OFFLINE"]} if "HF_HUB_OFFLINE" in os.environ else {}),
         }
     }
 

@@ -129,6 +129,10 @@ def read_records(source: str, split: str = "train") -> tuple[str, list[Any]]:
     # "org/name" may be a hub dataset; anything else that looks like a path is a missing file
     if source.startswith((".", "/", "~")) or source.count("/") > 1 or path.suffix:
         raise DataError(f"{source}: no such file or folder")
+    from sdft_ray import hub
+
+    if not hub.offline_set() and not hub.reachable():  # else a minute of retries before the same failure
+        raise DataError(f"{source}: no such local file or folder, and the hub (for a dataset name) is unreachable")
     try:
         return source, list(datasets.load_dataset(source, split=split))
     except Exception as e:  # offline, unknown name, no such split: datasets raises many types

@@ -96,12 +96,10 @@ class SDFTDriver:
 
     def _memory_estimate(self) -> dict[str, float] | str:
         """`sdft-ray memory`'s totals for this config (per role on CPU), from the model's config.json."""
-        from transformers import AutoConfig
-
         from sdft_ray import memory_budget as mb
 
         try:
-            shape = mb.ModelShape.from_hf_config(AutoConfig.from_pretrained(self.cfg.model.path), self.cfg.model.lora)
+            shape = mb.ModelShape.from_hf_config(mb.model_config(self.cfg.model.path)[0], self.cfg.model.lora)
         except (OSError, ValueError, AttributeError) as e:
             return f"not estimated ({type(e).__name__})"
         lines = mb.budget(self.cfg, shape)

@@ -68,6 +68,25 @@ class ModelShape:
         )
 
 
+SHAPES = Path(__file__).parent / "shapes"  # config.json of the hub models our shipped configs name
+
+
+def model_config(source: str) -> tuple[Any, str]:
+    """The model's HF config and where it came from: a local folder, a shape shipped with sdft-ray (offline,
+    for the models configs/ names), or the hub."""
+    from transformers import AutoConfig
+
+    shipped = SHAPES / f"{source.replace('/', '--')}.json"
+    if not Path(source).exists() and shipped.is_file():
+        raw = json.loads(shipped.read_text())
+        return AutoConfig.for_model(raw.pop("model_type"), **raw), f"{source} (shape shipped in {shipped.name})"
+    if not Path(source).exists():
+        from sdft_ray.hub import check_hub_model
+
+        check_hub_model(source)
+    return AutoConfig.from_pretrained(source), source
+
+
 @dataclass
 class Line:
     where: str  # "GPU trainer", "GPU vLLM", "host"

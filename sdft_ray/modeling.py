@@ -40,10 +40,13 @@ def _looks_local(path: str) -> bool:
 def check_model(path: str, trust_remote_code: bool = False, weights: bool = True) -> None:
     """Fail in the driver, before any actor starts, on a model folder that every actor would fail to load.
 
-    Hub ids are left to transformers (they may be cached or reachable); local folders must hold a config and
-    safetensors weights whose headers parse.
+    Hub ids must be reachable or cached (``hub.check_hub_model``: one line in seconds offline); local folders
+    must hold a config and safetensors weights whose headers parse.
     """
     if not _looks_local(path):
+        from sdft_ray.hub import check_hub_model
+
+        check_hub_model(path)
         return
     folder = Path(path).expanduser()
     if not folder.exists():

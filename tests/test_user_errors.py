@@ -288,3 +288,39 @@ def test_generate_demos_writes_a_training_file_and_resumes(tiny, tmp_path: Path)
     bad = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert bad.returncode != 0
     assert bad.stderr.strip().splitlines() == [f"data error: {prompts}: record 0: field 'prompt' is missing"]
+
+
+def test_offline_hub_names_are_one_line_and_memory_works_offline(tiny, tmp_path: Path) -> None:
+    """No hub (HF_ENDPOINT on a closed port): a hub model or dataset name ends in one line, without
+    huggingface_hub's retry warnings; `sdft-ray memory` prints the H200 budget from the shipped shape."""
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+    env["HF_ENDPOINT"] = "http://127.0.0.1:9"
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"prompt": "a", "golden_response": "b"}) + "\n")
+    cli = [sys.executable, "-m", "sdft_ray.cli"]
+    runs = {
+        "model": [
+            *cli,
+            "train",
+            "--config",
+            "configs/single_h200.yaml",
+            f"data.train={data}",
+            f"train.output_dir={tmp_path / 'run'}",
+        ],
+        "dataset": [*cli, "train", *tiny_overrides(tiny, tmp_path / "run2", data__train="nobody/no-such-dataset")],
+    }
+    for what, cmd in runs.items():
+        run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+        lines = [x for x in run.stderr.splitlines() if x.strip()]
+        assert run.returncode == 2 and len(lines) == 1, (what, run.stderr[-3000:])
+        assert "hub" in lines[0] and ("unreachable" in lines[0] or "cannot be reached" in lines[0]), lines[0]
+    mem = subprocess.run(
+        [*cli, "memory", "--config", "configs/single_h200.yaml"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        env=env,
+    )
+    assert mem.returncode == 0, mem.stderr[-2000:]
+    assert "117 of 141 GB" in mem.stdout and "Retrying" not in mem.stderr
