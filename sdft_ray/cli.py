@@ -25,7 +25,7 @@ from sdft_ray.errors import (
     WeightSyncError,
     first_line,
     memory_kill,
-    stop_on_sigterm,
+    stop_on_signals,
 )
 from sdft_ray.evaluate import SCORERS
 
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
-    stop_on_sigterm()  # init_ray sets it again once Ray has started (ray.init replaces it)
+    stop_on_signals()  # init_ray sets it again once Ray has started (ray.init replaces it)
 
     try:
         if args.cmd == "make-tiny":

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sdft_ray.config import Config
-from sdft_ray.errors import ActorFailure, stop_on_sigterm
+from sdft_ray.errors import ActorFailure, stop_on_signals
 from sdft_ray.network import is_loopback, ray_on_loopback
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ def init_ray(num_cpus: int | None = None) -> None:
         ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
         if not is_loopback(ray.util.get_node_ip_address()):
             log.warning("sdft-ray: this Ray version listens on the network even for a local run")
-    stop_on_sigterm()  # ray.init installed its own SIGTERM handler, which aborts without stopping our actors
+    stop_on_signals()  # ray.init installed its own SIGTERM handler, which aborts without stopping our actors
 
 
 def actor_runtime_env(threads: int) -> dict[str, Any]:

@@ -71,13 +71,28 @@ class Stopped(KeyboardInterrupt):
     """SIGTERM (what schedulers send before a kill), turned into the same clean stop as Ctrl-C."""
 
 
-def stop_on_sigterm() -> None:
-    """Make SIGTERM raise ``Stopped`` in the main thread. Call after ``ray.init``, which installs its own handler."""
+def stop_on_signals() -> None:
+    """SIGTERM raises ``Stopped`` in the main thread, Ctrl-C ``KeyboardInterrupt``: a clean stop (actors stopped,
+    the last checkpoint kept). From the first signal on, a second one of either kind exits at once, skipping the
+    cleanup: a user who presses Ctrl-C twice is never kept waiting. Call after ``ray.init``, which installs a
+    SIGTERM handler of its own."""
+    import os
     import signal
     import threading
 
-    def handler(signum: int, frame: object) -> None:
-        raise Stopped("SIGTERM")
+    def now(signum: int, frame: object) -> None:
+        # Ray's own processes are started to die with this one (PR_SET_PDEATHSIG); checkpoints are whole or absent
+        os.write(2, b"sdft-ray: second signal: exiting now, without cleanup; complete checkpoints are kept\n")
+        os._exit(130)
+
+    def first(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGINT, now)
+        signal.signal(signal.SIGTERM, now)
+        os.write(2, b"sdft-ray: stopping cleanly (a second Ctrl-C or SIGTERM exits at once)\n")
+        if signum == signal.SIGTERM:
+            raise Stopped("SIGTERM")
+        raise KeyboardInterrupt
 
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGTERM, first)
+        signal.signal(signal.SIGINT, first)

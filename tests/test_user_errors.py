@@ -126,6 +126,43 @@ def test_signal_stops_cleanly_keeping_the_last_checkpoint(tiny, tmp_path: Path, 
     assert not alive, [psutil.Process(p).cmdline()[:3] for p in alive]
 
 
+def test_second_signal_exits_at_once(tiny, tmp_path: Path) -> None:
+    """Ctrl-C twice: the first starts the clean stop, the second (during it) exits at once; the checkpoint
+    written before is whole, and Ray's processes go with the driver."""
+    out = tmp_path / "run"
+    over = tiny_overrides(tiny, out, train__steps=400, train__save_every=2, pipeline__max_staleness=0)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sdft_ray.cli", "train", *over],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 300
+    while not ckpt.complete_checkpoints(str(out)):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-2000:]
+        time.sleep(0.1)
+    children = _child_pids(proc.pid)
+    proc.send_signal(signal.SIGINT)
+    seen = []
+    for line in proc.stderr:  # the first signal was handled: the clean stop (seconds of it) has begun
+        seen.append(line)
+        if "sdft-ray: stopping cleanly" in line:
+            break
+    proc.send_signal(signal.SIGINT)
+    _, rest = proc.communicate(timeout=120)
+    err = "".join(seen) + rest
+    assert proc.returncode == 130, err[-3000:]
+    assert "sdft-ray: second signal: exiting now, without cleanup" in err, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    last = ckpt.complete_checkpoints(str(out))[-1]
+    assert (last / "student" / "model.safetensors").is_file()
+    time.sleep(10)
+    alive = [p for p in children if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    assert not alive, [psutil.Process(p).cmdline()[:3] for p in alive]
+
+
 @contextmanager
 def _small_disk(path: Path, size: str) -> Iterator[Path]:
     """A tmpfs of ``size`` at ``path``: a disk that really fills (the test is skipped where mounting is not allowed)."""
