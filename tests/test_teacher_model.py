@@ -118,3 +118,24 @@ def test_ema_teacher_of_another_architecture_is_refused(tiny, bigger_teacher, ra
     tr = ray.remote(StudentTrainer).options(num_cpus=0.5).remote(load_config(None, over).to_dict(), 4)
     with pytest.raises(ray.exceptions.RayActorError, match="an EMA teacher must share the student's architecture"):
         ray.get(tr.pid.remote())
+
+
+def test_separate_teacher_actor_holds_the_other_model(tiny, bigger_teacher, tmp_path: Path) -> None:
+    """teacher.placement=separate: the teacher actor's scorer is the other model, not the student's base."""
+    from actors.teacher import TeacherWorker
+    from sdft_ray.modeling import load_model
+
+    over = tiny_overrides(
+        tiny,
+        tmp_path,
+        teacher__kind="frozen",
+        teacher__model_path=bigger_teacher,
+        teacher__placement="separate",
+        loss__estimator="topk",
+    )
+    cfg = load_config(None, over)
+    worker = TeacherWorker(cfg.to_dict())
+    want = load_model(cfg.model, torch.device("cpu"), bigger_teacher)
+    assert _params(worker.scorer.model) == _params(want)
+    held = dict(worker.scorer.model.named_parameters())
+    assert all(torch.equal(held[n], p) for n, p in want.named_parameters())
