@@ -85,6 +85,7 @@ class SDFTDriver:
             "rollout": f"{cfg.rollout.backend} x {cfg.rollout.num_engines}" if cfg.runs_rollout_engines else None,
             "teacher": f"{cfg.teacher.kind}, {'in the trainer' if cfg.teacher_colocated else 'separate actors'}",
             "trainers": t.num_trainers,
+            "placement": trainer_bundles(cfg),  # the trainers' placement group, one bundle per rank
             "weight_transport": cfg.weight_transport,
             "output_dir": t.output_dir,
         }

@@ -81,8 +81,8 @@ def stop_on_signals() -> None:
     import threading
 
     def now(signum: int, frame: object) -> None:
-        # Ray's own processes are started to die with this one (PR_SET_PDEATHSIG); checkpoints are whole or absent
         os.write(2, b"sdft-ray: second signal: exiting now, without cleanup; complete checkpoints are kept\n")
+        _kill_descendants()  # Ray's agents outlive their driver unless told; checkpoints are whole or absent
         os._exit(130)
 
     def first(signum: int, frame: object) -> None:
@@ -96,3 +96,32 @@ def stop_on_signals() -> None:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, first)
         signal.signal(signal.SIGINT, first)
+
+
+def _kill_descendants() -> None:
+    """SIGKILL every process this one started, grandchildren included (Linux /proc; elsewhere nothing)."""
+    import os
+    import signal
+
+    children: dict[int, list[int]] = {}
+    try:
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    with open(f"/proc/{entry}/stat") as f:
+                        ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                except (OSError, ValueError, IndexError):
+                    continue
+                children.setdefault(ppid, []).append(int(entry))
+    except OSError:
+        return
+    todo, found = [os.getpid()], []
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    for pid in found:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass

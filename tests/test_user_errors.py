@@ -55,7 +55,7 @@ def test_missing_model_folder_is_named_before_any_actor(tiny, tmp_path: Path, ca
     assert f"no model at {path}" in err
 
 
-def test_damaged_pickle_only_and_remote_code_model_folders(tiny, tmp_path: Path) -> None:
+def test_damaged_pickle_only_and_remote_code_model_folders(tiny, tmp_path: Path, monkeypatch) -> None:
     good = Path(tiny["model"])
     check_model(str(good))
     weights = tmp_path / "corrupt"
@@ -76,7 +76,20 @@ def test_damaged_pickle_only_and_remote_code_model_folders(tiny, tmp_path: Path)
     with pytest.raises(ModelError, match="auto_map.*model.trust_remote_code=true"):
         check_model(str(remote))
     check_model(str(remote), trust_remote_code=True)
-    check_model("HuggingFaceTB/SmolLM2-135M-Instruct")  # a hub id is left to transformers
+    # a hub id: in offline mode left to transformers (which reads the cache or fails at once); with the hub
+    # unreachable and the model not cached, one line now
+    from sdft_ray import hub
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    check_model("HuggingFaceTB/SmolLM2-135M-Instruct")
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    hub.reachable.cache_clear()
+    try:
+        with pytest.raises(ModelError, match="is a hub name, it is not in the local Hugging Face cache"):
+            check_model("nobody/no-such-model")
+    finally:
+        hub.reachable.cache_clear()
 
 
 def test_impossible_resource_request_fails_fast_with_the_real_cause(tiny, ray_cluster, tmp_path: Path, capsys) -> None:
