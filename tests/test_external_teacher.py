@@ -206,9 +206,24 @@ class _Counting(BaseHTTPRequestHandler):
     def log_message(self, *args: Any) -> None:  # quiet
         pass
 
+    tokenizer: Any = None  # set by a test that runs the driver's up-front checks against this server
+
+    def _json(self, obj: Any) -> None:
+        out = json.dumps(obj).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(out)))
+        self.end_headers()
+        self.wfile.write(out)
+
+    def do_GET(self) -> None:  # /v1/models
+        self._json({"data": [{"id": SERVED}]})
+
     def do_POST(self) -> None:
         cls = type(self)
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        if self.path == "/tokenize":
+            return self._json({"tokens": cls.tokenizer.encode(body["prompt"], add_special_tokens=False)})
         with cls.lock:
             if cls.fail_first > 0:
                 cls.fail_first -= 1
@@ -234,6 +249,7 @@ class _Counting(BaseHTTPRequestHandler):
 @pytest.fixture
 def counting_server() -> Any:
     _Counting.inflight = _Counting.peak = _Counting.served = _Counting.fail_first = 0
+    _Counting.delay = 0.3
     srv = ThreadingHTTPServer(("127.0.0.1", 0), _Counting)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     yield srv, f"http://127.0.0.1:{srv.server_address[1]}"
@@ -320,3 +336,49 @@ def test_generate_demos_from_the_server(tiny, vllm_server, tmp_path: Path) -> No
     for j, r in enumerate(rows):
         ids = encode_prompt(tok, [{"role": "user", "content": r["prompt"]}], cfg.data.max_prompt_length)[0]
         assert r["golden_response"] == server.complete(ids, 8, 1.0, cfg.train.seed + j)
+
+
+def test_server_gone_mid_run_is_one_line(tiny, counting_server, tmp_path: Path) -> None:
+    """A run trains against the server, the server goes away: the run stops with one line naming it, no
+    traceback, and the checkpoint written before is kept."""
+    from sdft_ray.modeling import load_tokenizer
+
+    srv, url = counting_server
+    _Counting.delay = 0.0
+    _Counting.tokenizer = load_tokenizer(_cfg(tiny, tmp_path, url).model)
+    out = tmp_path / "run"
+    over = [
+        *tiny_overrides(tiny, out, train__steps=200, train__save_every=1),
+        "teacher.kind=external",
+        f"teacher.external_url={url}",
+        f"teacher.external_model={SERVED}",
+        f"teacher.external_top_k={TOP_K}",
+        "teacher.placement=separate",
+        "loss.estimator=topk",
+        f"loss.top_k={TOP_K}",
+        "teacher.external_retries=1",
+        "teacher.external_timeout_s=5",
+    ]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sdft_ray.cli", "train", *over],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    deadline = time.time() + 300
+    while not (out / "checkpoints" / "step-000002" / "COMPLETE").exists():
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.1)
+    srv.shutdown()
+    srv.server_close()
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    ours = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(ours) == 1 and "teacher server" in ours[0] and "did not answer" in ours[0], err[-3000:]
+    from sdft_ray.checkpoint import complete_checkpoints
+
+    assert (complete_checkpoints(str(out))[-1] / "student" / "model.safetensors").is_file()

@@ -149,7 +149,8 @@ def test_lora_resume_is_bit_identical(tiny, ray_cluster, tmp_path: Path) -> None
         ray.kill(b)
 
 
-def test_lora_sft_trains(tiny, ray_cluster, tmp_path: Path) -> None:
+@pytest.mark.parametrize("zero_stage", [0, 2])
+def test_lora_sft_trains(tiny, ray_cluster, tmp_path: Path, zero_stage: int) -> None:
     """Against a control run at lr ~0 on the same batches (the sampler is seeded), training the adapter lowers the
     loss of each later batch: paired per step, so batch-to-batch noise cancels."""
     from sdft_ray.driver import SDFTDriver
@@ -164,6 +165,7 @@ def test_lora_sft_trains(tiny, ray_cluster, tmp_path: Path) -> None:
             train__lr_scheduler="constant",
             train__warmup_ratio=0,
             train__lr=lr,
+            train__zero_stage=zero_stage,
             **LORA,
         )
         d = SDFTDriver(load_config(None, over))
