@@ -148,7 +148,8 @@ def _first_line(e: BaseException) -> str:
 # ---------------------------------------------------------------- normalizing
 
 
-def _messages(value: Any, where: str, fieldname: str) -> Messages:
+def chat_messages(value: Any, where: str, fieldname: str) -> Messages:
+    """A record's text or chat field as chat messages; one DataError naming the record and field otherwise."""
     if isinstance(value, str):
         if not value.strip():
             raise DataError(f"{where}: field '{fieldname}' is empty")
@@ -192,7 +193,7 @@ def normalize_record(rec: Any, index: int, where: str, cfg: DataConfig) -> Examp
     if answer is not None and not isinstance(answer, str):
         answer = json.dumps(answer) if isinstance(answer, (dict, list)) else str(answer)
     if "messages" in rec:
-        prompt = _messages(rec["messages"], where, "messages")
+        prompt = chat_messages(rec["messages"], where, "messages")
         prompt = [m for m in prompt if m["role"] != "assistant"]
         if not prompt:
             raise DataError(f"{where}: field 'messages' has no system/user message")
@@ -201,14 +202,14 @@ def normalize_record(rec: Any, index: int, where: str, cfg: DataConfig) -> Examp
         demo = _text(rec["output_text"], where, "output_text")
         teacher = None
     elif "prompt" in rec:
-        prompt = _messages(rec["prompt"], where, "prompt")
+        prompt = chat_messages(rec["prompt"], where, "prompt")
         demo, teacher = None, None
         if "golden_response" in rec:
             demo = _text(rec["golden_response"], where, "golden_response")
         elif "privileged_context" in rec:
             demo = _text(rec["privileged_context"], where, "privileged_context")
         elif "teacher_prompt" in rec:
-            teacher = _messages(rec["teacher_prompt"], where, "teacher_prompt")
+            teacher = chat_messages(rec["teacher_prompt"], where, "teacher_prompt")
             for key in ("completion", "response"):
                 if key in rec:
                     demo = _text(rec[key], where, key)

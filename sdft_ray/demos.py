@@ -14,20 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from sdft_ray.config import Config
-from sdft_ray.data import encode_prompt, read_records
+from sdft_ray.data import chat_messages, encode_prompt, read_records
 from sdft_ray.errors import DataError
 
 
 def _key(prompt: Any) -> str:
     return json.dumps(prompt, sort_keys=True, ensure_ascii=False)
-
-
-def _messages(prompt: Any, where: str) -> list[dict[str, str]]:
-    if isinstance(prompt, str) and prompt.strip():
-        return [{"role": "user", "content": prompt}]
-    if isinstance(prompt, list) and prompt and all(isinstance(m, dict) and "content" in m for m in prompt):
-        return prompt
-    raise DataError(f"{where}: field 'prompt' must be a non-empty string or a list of chat messages")
 
 
 def _done(out: Path) -> set[str]:
@@ -69,16 +61,17 @@ def generate_demos(
     name, records = read_records(prompts)
     out_path = Path(out)
     done = _done(out_path)
-    todo = []
+    todo, chats = [], []
     for i, rec in enumerate(records):
         where = f"{name}: record {i}"
         if not isinstance(rec, dict) or "prompt" not in rec:
             raise DataError(f"{where}: field 'prompt' is missing")
-        _messages(rec["prompt"], where)
+        chat = chat_messages(rec["prompt"], where, "prompt")  # the training loader's own check, every record
         if _key(rec["prompt"]) not in done:
             todo.append(rec)
+            chats.append(chat)
     tok = load_tokenizer(cfg.model)
-    ids = [encode_prompt(tok, _messages(r["prompt"], ""), cfg.data.max_prompt_length)[0] for r in todo]
+    ids = [encode_prompt(tok, chat, cfg.data.max_prompt_length)[0] for chat in chats]
     out_path.parent.mkdir(parents=True, exist_ok=True)
     bar = tqdm(total=len(todo), desc="demos", unit="prompt", disable=not todo)
     with _Sampler(cfg, tok, server, server_model, greedy) as sample, open(out_path, "a") as f:

@@ -49,10 +49,6 @@ def hf_model(pm: Any) -> torch.nn.Module:
     return pm.base_model.model
 
 
-def is_lora(module: torch.nn.Module) -> bool:
-    return any(".lora_A." in n for n, _ in module.named_parameters())
-
-
 @contextmanager
 def active(pm: Any, adapter: str | None) -> Iterator[None]:
     """Run forwards with ``adapter`` (None: the base alone), then give the student's back.
