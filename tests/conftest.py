@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_MODE", "disabled")
@@ -74,3 +80,39 @@ def tiny_overrides(tiny: dict[str, str], out: Path, **extra: object) -> list[str
     }
     base.update({k.replace("__", "."): v for k, v in extra.items()})
     return [f"{k}={v}" for k, v in base.items()]
+
+
+def start_train(overrides: list[str], until: Callable[[], bool]) -> subprocess.Popen:
+    """`sdft-ray train` in a process of its own (with its own local Ray), returned once ``until()`` holds."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sdft_ray.cli", "train", *overrides],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    deadline = time.time() + 300
+    while not until():
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.1)
+    return proc
+
+
+def toy_samples(n: int = 4) -> list:
+    """Hand-made rollouts over token ids any test tokenizer has: for trainer steps without an engine."""
+    from sdft_ray.records import Sample
+
+    return [
+        Sample(
+            uid=str(i),
+            index=i,
+            prompt_ids=[5, 6, 7 + i],
+            teacher_prompt_ids=[5, 8, 9, 7 + i],
+            completion_ids=[10, 11 + i, 12, 13, 14, 2],
+            demonstration_ids=[12, 13 + i, 2],
+            rollout_logprobs=[-1.0] * 6,
+        )
+        for i in range(n)
+    ]

@@ -19,12 +19,11 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import requires_vllm, tiny_overrides
+from conftest import ROOT, requires_vllm, start_train, tiny_overrides
 
 from sdft_ray.config import load_config
 from sdft_ray.records import Sample
 
-ROOT = Path(__file__).resolve().parents[1]
 SERVED = "tiny-teacher"
 TOP_K = 5
 # fp32 on both sides, the same model: vLLM's CPU kernels vs torch's. Measured max |diff| here: 4.8e-7 (6
@@ -359,19 +358,7 @@ def test_server_gone_mid_run_is_one_line(tiny, counting_server, tmp_path: Path) 
         "teacher.external_retries=1",
         "teacher.external_timeout_s=5",
     ]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "sdft_ray.cli", "train", *over],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-    )
-    deadline = time.time() + 300
-    while not (out / "checkpoints" / "step-000002" / "COMPLETE").exists():
-        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
-        time.sleep(0.1)
+    proc = start_train(over, until=(out / "checkpoints" / "step-000002" / "COMPLETE").exists)
     srv.shutdown()
     srv.server_close()
     _, err = proc.communicate(timeout=300)

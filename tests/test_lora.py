@@ -10,27 +10,11 @@ from pathlib import Path
 import pytest
 import ray
 import torch
-from conftest import BACKENDS, tiny_overrides
+from conftest import BACKENDS, tiny_overrides, toy_samples
 
 from sdft_ray.config import load_config
-from sdft_ray.records import Sample
 
 LORA = {"model__lora__rank": 4, "model__lora__alpha": 8}
-
-
-def _items(n: int = 4) -> list[Sample]:
-    return [
-        Sample(
-            uid=str(i),
-            index=i,
-            prompt_ids=[5, 6, 7 + i],
-            teacher_prompt_ids=[5, 8, 9, 7 + i],
-            completion_ids=[10, 11 + i, 12, 13, 14, 2],
-            demonstration_ids=[12, 13 + i, 2],
-            rollout_logprobs=[-1.0] * 6,
-        )
-        for i in range(n)
-    ]
 
 
 def test_ema_teacher_is_base_plus_ema_adapter(tiny, tmp_path: Path) -> None:
@@ -55,7 +39,7 @@ def test_ema_teacher_is_base_plus_ema_adapter(tiny, tmp_path: Path) -> None:
     rate = 0.25
     teacher.ema_update([(lora.teacher_name(n), p.detach()) for n, p in student], rate)
     flags = {n: p.requires_grad for n, p in pm.named_parameters()}
-    items = _items()
+    items = toy_samples()
     prompts, comps = [s.teacher_prompt_ids for s in items], [s.completion_ids for s in items]
     student_before = completion_logits(lora.hf_model(pm), prompts, comps, teacher.pad).detach()
     got = teacher.logits(prompts, comps)
@@ -131,7 +115,7 @@ def test_lora_resume_is_bit_identical(tiny, ray_cluster, tmp_path: Path) -> None
     from actors.trainer import StudentTrainer
 
     cfg = load_config(None, tiny_overrides(tiny, tmp_path, train__warmup_ratio=0, **LORA)).to_dict()
-    batch = [ray.put(_items())]
+    batch = [ray.put(toy_samples())]
     a = ray.remote(StudentTrainer).options(num_cpus=0.5).remote(cfg, 6)
     b = ray.remote(StudentTrainer).options(num_cpus=0.5).remote(cfg, 6)
     try:

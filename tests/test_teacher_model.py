@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import ray
 import torch
-from conftest import tiny_overrides
+from conftest import tiny_overrides, toy_samples
 
 from sdft_ray.config import load_config
 from sdft_ray.errors import ModelError
@@ -28,22 +28,6 @@ def bigger_teacher(tiny, tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(out)
 
 
-def _items() -> list:
-    from sdft_ray.records import Sample
-
-    return [
-        Sample(
-            uid=str(i),
-            index=i,
-            prompt_ids=[5, 6, 7 + i],
-            teacher_prompt_ids=[5, 8, 9, 7 + i],
-            completion_ids=[10, 11 + i, 12, 13, 14, 2],
-            rollout_logprobs=[-1.0] * 6,
-        )
-        for i in range(4)
-    ]
-
-
 def _params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -61,7 +45,7 @@ def test_frozen_teacher_of_another_size_scores_the_loss(tiny, bigger_teacher, ra
     pad = load_tokenizer(cfg.model).pad_token_id
     held = ray.get(tr.state_dict_cpu.remote("teacher"))  # what the trainer scores with
     assert sum(t.numel() for t in held.values()) == _params(teacher) > 2 * _params(student)
-    items = _items()
+    items = toy_samples()
     # the reference: the loss written out from the module functions, micro-batch by micro-batch as the trainer runs
     lo, mbs = cfg.loss, cfg.train.micro_batch_size
 

@@ -16,14 +16,12 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import tiny_overrides
+from conftest import ROOT, start_train, tiny_overrides
 
 from sdft_ray import checkpoint as ckpt
 from sdft_ray.cli import main
 from sdft_ray.errors import ModelError
 from sdft_ray.modeling import check_model
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _one_line_error(capsys, prefix: str) -> str:
@@ -108,22 +106,17 @@ def _child_pids(pid: int) -> list[int]:
         return []
 
 
+def _assert_gone(pids: list[int]) -> None:
+    time.sleep(10)  # Ray's own processes exit shortly after the driver
+    alive = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    assert not alive, [psutil.Process(p).cmdline()[:3] for p in alive]
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_signal_stops_cleanly_keeping_the_last_checkpoint(tiny, tmp_path: Path, sig: signal.Signals) -> None:
     out = tmp_path / "run"
     over = tiny_overrides(tiny, out, train__steps=400, train__save_every=2, pipeline__max_staleness=0)
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "sdft_ray.cli", "train", *over],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.time() + 300
-    while not ckpt.complete_checkpoints(str(out)):
-        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-2000:]
-        time.sleep(0.1)
+    proc = start_train(over, until=lambda: bool(ckpt.complete_checkpoints(str(out))))
     children = _child_pids(proc.pid)
     assert children  # Ray's processes, started by this run
     proc.send_signal(sig)
@@ -134,9 +127,7 @@ def test_signal_stops_cleanly_keeping_the_last_checkpoint(tiny, tmp_path: Path, 
     assert f"sdft-ray: stopped by {name}; the last complete checkpoint is kept" in err
     last = ckpt.complete_checkpoints(str(out))[-1]
     assert (last / "student" / "model.safetensors").is_file()
-    time.sleep(10)  # Ray's own processes exit shortly after the driver
-    alive = [p for p in children if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
-    assert not alive, [psutil.Process(p).cmdline()[:3] for p in alive]
+    _assert_gone(children)
 
 
 def test_second_signal_exits_at_once(tiny, tmp_path: Path) -> None:
@@ -144,18 +135,7 @@ def test_second_signal_exits_at_once(tiny, tmp_path: Path) -> None:
     written before is whole, and Ray's processes go with the driver."""
     out = tmp_path / "run"
     over = tiny_overrides(tiny, out, train__steps=400, train__save_every=2, pipeline__max_staleness=0)
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "sdft_ray.cli", "train", *over],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.time() + 300
-    while not ckpt.complete_checkpoints(str(out)):
-        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-2000:]
-        time.sleep(0.1)
+    proc = start_train(over, until=lambda: bool(ckpt.complete_checkpoints(str(out))))
     children = _child_pids(proc.pid)
     proc.send_signal(signal.SIGINT)
     seen = []
@@ -171,9 +151,7 @@ def test_second_signal_exits_at_once(tiny, tmp_path: Path) -> None:
     assert "Traceback" not in err, err[-3000:]
     last = ckpt.complete_checkpoints(str(out))[-1]
     assert (last / "student" / "model.safetensors").is_file()
-    time.sleep(10)
-    alive = [p for p in children if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
-    assert not alive, [psutil.Process(p).cmdline()[:3] for p in alive]
+    _assert_gone(children)
 
 
 @contextmanager
