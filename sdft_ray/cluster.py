@@ -129,6 +129,17 @@ def check_resources(cfg: Config, cluster: dict[str, float]) -> None:
             )
 
 
+def alive_nodes() -> dict[str, str]:
+    """Node id -> address of every node Ray reports alive."""
+    import ray
+
+    return {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]}
+
+
+def describe_nodes(nodes: dict[str, str]) -> str:
+    return ", ".join(f"{addr} (id {nid[:12]})" for nid, addr in nodes.items())
+
+
 def is_dead(actor: Any) -> bool:
     """Whether an actor no longer answers (died, or hangs past 30 s)."""
     import ray

@@ -18,7 +18,17 @@ import time
 from typing import Any
 
 from sdft_ray import checkpoint as ckpt
-from sdft_ray.cluster import ActorGroup, actor_runtime_env, check_resources, get, init_ray, is_dead, trainer_bundles
+from sdft_ray.cluster import (
+    ActorGroup,
+    actor_runtime_env,
+    alive_nodes,
+    check_resources,
+    describe_nodes,
+    get,
+    init_ray,
+    is_dead,
+    trainer_bundles,
+)
 from sdft_ray.config import Config
 from sdft_ray.data import LoadReport, PromptSampler, load_examples, tokenize_examples
 from sdft_ray.ds_config import samples_per_step
@@ -69,6 +79,7 @@ class SDFTDriver:
         self.teachers: ActorGroup | None = None
         self.trainers: list[Any] = []
         self.trainer_pg: Any = None
+        self.nodes: dict[str, str] = {}  # the Ray nodes alive when the actors started: a loss is named by them
 
     def plan(self) -> dict[str, Any]:
         """What ``run`` would do, for ``sdft-ray train --dry-run``: nothing is started, written or deleted."""
@@ -173,6 +184,7 @@ class SDFTDriver:
         # the groups' own lists: a restarted actor replaces its predecessor in place
         self.weights = WeightPublisher(cfg, self.trainers, self.engines, self.teacher_actors)
         self.weights.prepare()  # after every member is up: a collective group waits only minutes for stragglers
+        self.nodes = alive_nodes()
 
     @property
     def engines(self) -> list[Any]:
@@ -208,33 +220,55 @@ class SDFTDriver:
 
     # ------------------------------------------------------------ faults
     def recover(self, err: Exception) -> None:
-        """A step failed: restart dead rollout/teacher actors, resend weights, relaunch in-flight rollouts."""
+        """A step failed: restart dead rollout/teacher actors, resend weights, relaunch in-flight rollouts.
+
+        A lost node is named: its rollout/teacher actors restart on the nodes left when those can still host the
+        job, else the run stops with one line saying what to do; a trainer on it stops the run (trainer state
+        is not replicated).
+        """
+        import ray
+
+        now = alive_nodes()
+        lost = {nid: addr for nid, addr in self.nodes.items() if nid not in now}
+        where = f" with node {describe_nodes(lost)} lost" if lost else ""
         dead_trainers = [i for i, a in enumerate(self.trainers) if is_dead(a)]
         if dead_trainers:
             raise ActorFailure(
-                f"trainer rank(s) {dead_trainers} died at step {self.step} ({type(err).__name__}). Trainer state is "
-                f"not replicated; rerun with train.resume=auto to continue from the last checkpoint."
+                f"trainer rank(s) {dead_trainers} died at step {self.step}{where} ({type(err).__name__}). Trainer "
+                "state is not replicated; rerun with train.resume=auto to continue from the last checkpoint."
             ) from err
+        dead = [(g, name, g.dead()) for g, name in ((self.rollouts, "rollout"), (self.teachers, "teacher")) if g]
+        if lost and any(ids for _, _, ids in dead):
+            try:  # what is left must still hold every role, or the restarted actors would wait forever
+                check_resources(self.cfg, ray.cluster_resources())
+            except ActorFailure as short:
+                raise ActorFailure(
+                    f"node {describe_nodes(lost)} was lost at step {self.step}, and the nodes left cannot host the "
+                    f"job: {short}. Add a node and rerun with train.resume=auto to continue from the last checkpoint"
+                ) from err
         restarted = []
-        for group, name in ((self.rollouts, "rollout"), (self.teachers, "teacher")):
-            if group is None:
-                continue
-            for i in group.dead():
+        for group, name, ids in dead:
+            for i in ids:
                 if group.restarts >= self.cfg.pipeline.max_actor_restarts:
                     raise ActorFailure(
                         f"{name} actor {i} died again after {group.restarts} restarts "
-                        f"(pipeline.max_actor_restarts); giving up"
+                        f"(pipeline.max_actor_restarts){where}; giving up"
                     ) from err
                 group.restart(i)
                 restarted.append(f"{name}[{i}]")
         if not restarted:
             raise err
-        log.warning("restarted %s after %s; resending weights v%d", restarted, type(err).__name__, self.version)
-        self.logger.event("actor_restart", step=self.step, actors=restarted, error=str(err)[:500])
+        log.warning(
+            "restarted %s after %s%s; resending weights v%d", restarted, type(err).__name__, where, self.version
+        )
+        self.logger.event(
+            "actor_restart", step=self.step, actors=restarted, error=str(err)[:500], lost_nodes=list(lost.values())
+        )
         self.weights.drop()
         self.publish_weights()
         self.wait_weights()
         self.queue.relaunch(self.engines, self.teacher_actors)
+        self.nodes = now
 
     def check_engine_weights(self, results: list[StepResult]) -> None:
         """Stop when the engines did not sample from the trainer's weights: a sync that never arrived (the
