@@ -91,6 +91,13 @@ def init_process_group(rank: int, world_size: int, master_addr: str, master_port
         master_port = server.getsockname()[1]
         listen_fd = server.detach()  # the store owns the fd now
     store = dist.TCPStore(master_addr, master_port, world_size, rank == 0, master_listen_fd=listen_fd)
-    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size)
+    kwargs = {}
+    if backend == "nccl":
+        import torch
+
+        # NCCL otherwise guesses the GPU from the global rank (it said so on an H200, 2026-12-04), which hangs
+        # where ranks and GPUs do not line up; each actor sees its own GPU(s) as cuda:0.. (pin_visible_gpus)
+        kwargs["device_id"] = torch.device("cuda", torch.cuda.current_device())
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, **kwargs)
     os.environ["MASTER_PORT"] = str(master_port)
     return master_port
