@@ -135,7 +135,11 @@ class StudentTrainer(ActorProcess):
         trainable = [p for p in model.parameters() if p.requires_grad]  # LoRA: the adapter; no state for the base
         optimizer = None
         if not t.offload_optimizer:
-            optimizer = torch.optim.AdamW(trainable, lr=t.lr, betas=t.adam_betas, weight_decay=t.weight_decay)
+            # bf16 weights: DeepSpeed steps Adam on its fp32 master copies, and the fused kernel does that in one
+            # pass per tensor (Qwen2.5-0.5B on 2 cores: 0.25 s vs 2.9 s for torch's per-tensor loop). fp32 keeps
+            # the loop: the fused kernel rounds differently in the last bit, and the fp32 path's bits are pinned.
+            kernel = {"fused": True} if bf16 else {}
+            optimizer = torch.optim.AdamW(trainable, lr=t.lr, betas=t.adam_betas, weight_decay=t.weight_decay, **kernel)
         self.total_steps = total_steps
         sched = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total_steps))
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(

@@ -35,7 +35,8 @@ from typing import Any
 import torch
 
 from sdft_ray.config import Config
-from sdft_ray.modeling import resolve_dtype, shared_prefix_len, stop_token_ids
+from sdft_ray.modeling import shared_prefix_len, stop_token_ids
+from sdft_ray.precision import resolve_dtype
 from sdft_ray.weight_sync import Bucket, Meta, WeightSyncError, combine_digests, dtype_name, tensor_digests, unpack
 
 _CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)  # vLLM CPU attention kernels

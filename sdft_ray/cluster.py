@@ -37,10 +37,12 @@ def init_ray(num_cpus: int | None = None) -> None:
     stop_on_signals()  # ray.init installed its own SIGTERM handler, which aborts without stopping our actors
 
 
-def actor_runtime_env(threads: int) -> dict[str, Any]:
-    """Environment of every actor: its thread budget, and no per-actor library load bars on the console."""
+def actor_runtime_env(threads: int, extra: dict[str, str] | None = None) -> dict[str, Any]:
+    """Environment of every actor: its thread budget, the driver's decisions (``extra``: the CPU precision), and
+    no per-actor library load bars on the console."""
     return {
         "env_vars": {
+            **(extra or {}),
             "TOKENIZERS_PARALLELISM": "false",
             "OMP_NUM_THREADS": str(threads),
             "HF_HUB_DISABLE_PROGRESS_BARS": "1",

@@ -36,6 +36,7 @@ from sdft_ray.errors import ActorFailure, WeightSyncError, WeightSyncTimeout
 from sdft_ray.metrics import MetricsLogger
 from sdft_ray.modeling import check_teacher_model, load_tokenizer
 from sdft_ray.network import free_address
+from sdft_ray.precision import decide_for_actors
 from sdft_ray.records import StepResult
 from sdft_ray.rollout_queue import RolloutQueue
 from sdft_ray.weight_transport import WeightPublisher
@@ -130,7 +131,12 @@ class SDFTDriver:
 
         cfg, raw = self.cfg, self.cfg.to_dict()
         t, r, te = cfg.train, cfg.rollout, cfg.teacher
-        env = actor_runtime_env(t.torch_threads)
+        models_on_cpu = (
+            not t.num_gpus
+            or (cfg.runs_rollout_engines and not r.num_gpus)
+            or (cfg.runs_teacher_actors and not te.num_gpus)
+        )
+        env = actor_runtime_env(t.torch_threads, decide_for_actors(cfg.model.dtype == "auto" and models_on_cpu))
         check_resources(cfg, ray.cluster_resources())
         bundles = trainer_bundles(cfg)
         self.trainer_pg = placement_group(bundles, strategy="PACK")

@@ -146,13 +146,14 @@ def rollout_engines(cfg: Config, model_path: str | None = None) -> Iterator[list
 
     from actors.rollout import RolloutWorker
     from sdft_ray.cluster import actor_runtime_env, init_ray
+    from sdft_ray.precision import decide_for_actors
 
     init_ray()
     c = copy.deepcopy(cfg)
     if model_path:
         c.model.path = model_path
     r = c.rollout
-    env = actor_runtime_env(r.torch_threads)
+    env = actor_runtime_env(r.torch_threads, decide_for_actors(c.model.dtype == "auto" and not r.num_gpus))
     actor = ray.remote(RolloutWorker).options(num_cpus=r.num_cpus, num_gpus=r.num_gpus, runtime_env=env)
     engines = [actor.remote(c.to_dict(), i) for i in range(r.num_engines)]
     try:

@@ -22,7 +22,7 @@ import torch
 
 from sdft_ray.config import Config, LoraSettings
 from sdft_ray.ds_config import REDUCE_BUCKET, grad_accum_steps
-from sdft_ray.modeling import resolve_dtype
+from sdft_ray.precision import resolve_dtype
 
 GB = 1e9
 

@@ -11,17 +11,11 @@ import torch
 from sdft_ray.config import ModelConfig
 from sdft_ray.ds_config import zero3_partitioned
 from sdft_ray.errors import ModelError, first_line
+from sdft_ray.precision import resolve_dtype
 
 
 def device_for(num_gpus: float) -> torch.device:
     return torch.device("cuda") if num_gpus > 0 and torch.cuda.is_available() else torch.device("cpu")
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        # bf16 on CPU is slow and loses the precision that tiny-model tests compare against.
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, name)
 
 
 def _looks_local(path: str) -> bool:

@@ -191,3 +191,13 @@ def test_sdft_step_and_eval_on_smollm2(smollm2: dict, ray_cluster, tmp_path: Pat
     final = sorted((tmp_path / "run" / "checkpoints").glob("step-*"))[-1]
     assert (final / "student" / "model.safetensors").is_file()
     shutil.rmtree(tmp_path / "run", ignore_errors=True)
+
+
+def test_bf16_loss_and_gradients_stay_close_to_fp32_on_smollm2(smollm2: dict, tmp_path: Path) -> None:
+    """The real 135M model (a 49k vocabulary, 30 layers): bf16's loss and every gradient tensor against fp32,
+    by the tolerance tests/test_precision.py states."""
+    from test_precision import assert_bf16_close_to_fp32
+
+    from sdft_ray.tasks import make_tasks
+
+    assert_bf16_close_to_fp32(smollm2["path"], make_tasks(tmp_path, n_train=8, n_eval=4)["tool_use_train"])
