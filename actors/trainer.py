@@ -7,7 +7,6 @@ the process. The EMA teacher is updated here after every optimizer step.
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from collections.abc import Iterator
@@ -180,6 +179,7 @@ class StudentTrainer(ActorProcess):
         """One micro-batch's loss: SFT on ``Prompt`` records (their demonstrations), SDFT on ``Sample`` records."""
         cfg, lo = self.cfg, self.cfg.loss
         if cfg.train.algo == "sft":
+            t0 = time.perf_counter()
             logits = completion_logits(
                 self.module,
                 [m.prompt_ids for m in mb],
@@ -187,8 +187,12 @@ class StudentTrainer(ActorProcess):
                 self.pad,
                 cfg.train.share_prompt_prefix,
             )
+            t1 = time.perf_counter()
             ids, mask = pad_right([m.demonstration_ids for m in mb], self.pad)
-            return sft_loss(logits, ids.to(logits.device), mask.to(logits.device))
+            out = sft_loss(logits, ids.to(logits.device), mask.to(logits.device))
+            self._timing["forward_s"] += t1 - t0
+            self._timing["loss_s"] += time.perf_counter() - t1
+            return out
         comps = [m.completion_ids for m in mb]
         kwargs: dict[str, Any] = {}
         t0 = time.perf_counter()
@@ -214,14 +218,17 @@ class StudentTrainer(ActorProcess):
                     self._timing["teacher_s"] += time.perf_counter() - t0
                     return self._chunked_loss(mb, comps, t_hidden)
             kwargs["teacher_logits"] = self.teacher.logits(t_prompts, comps)
-        self._timing["teacher_s"] += time.perf_counter() - t0
+        t1 = time.perf_counter()
+        self._timing["teacher_s"] += t1 - t0
         prompts = [m.prompt_ids for m in mb]
         logits = completion_logits(self.module, prompts, comps, self.pad, cfg.train.share_prompt_prefix)
+        t2 = time.perf_counter()
+        self._timing["forward_s"] += t2 - t1
         dev = logits.device
         ids, mask = pad_right(comps, self.pad)
         rollout_logp = rollout_logprobs(mb, ids.shape[1])
         kwargs = {k: v.to(dev) for k, v in kwargs.items()}
-        return sdft_loss(
+        out = sdft_loss(
             logits,
             ids.to(dev),
             mask.to(dev),
@@ -236,17 +243,22 @@ class StudentTrainer(ActorProcess):
             importance_clip=lo.importance_clip,
             **kwargs,
         )
+        self._timing["loss_s"] += time.perf_counter() - t2
+        return out
 
     def _chunked_loss(self, mb: list[Sample], comps: list[list[int]], t_hidden: torch.Tensor) -> LossOutput:
         """The full-vocabulary loss from hidden states, ``loss.chunk_tokens`` tokens of logits at a time."""
         lo = self.cfg.loss
         prompts = [m.prompt_ids for m in mb]
+        t0 = time.perf_counter()
         s_hidden = completion_hidden(self.module, prompts, comps, self.pad, self.cfg.train.share_prompt_prefix)
         assert s_hidden is not None  # same architecture as the teacher, which could be split
+        t1 = time.perf_counter()
+        self._timing["forward_s"] += t1 - t0
         dev = s_hidden.device
         ids, mask = pad_right(comps, self.pad)
         rollout_logp = rollout_logprobs(mb, ids.shape[1])
-        return chunked_sdft_loss(
+        out = chunked_sdft_loss(
             s_hidden,
             t_hidden.to(dev),
             lambda h: lm_head(self.module, h),
@@ -260,6 +272,8 @@ class StudentTrainer(ActorProcess):
             importance_clip=lo.importance_clip,
             chunk_tokens=lo.chunk_tokens,
         )
+        self._timing["loss_s"] += time.perf_counter() - t1
+        return out
 
     @property
     def _compare_logprobs(self) -> bool:
@@ -284,7 +298,7 @@ class StudentTrainer(ActorProcess):
         mbs = self.cfg.train.micro_batch_size
         if len(mine) != mbs * self.gas:
             raise ValueError(f"trainer rank {self.rank}: got {len(mine)} samples, expected {mbs * self.gas}")
-        self._timing = {"teacher_s": 0.0}
+        self._timing = dict.fromkeys(("teacher_s", "forward_s", "loss_s", "backward_s", "optimizer_s"), 0.0)
         t0 = time.perf_counter()
         self.engine.train()
         losses, kls, weights, tokens, bad = [], [], [], 0, False
@@ -306,7 +320,10 @@ class StudentTrainer(ActorProcess):
                 weights.append(out.weights.mean().item())
                 tokens += out.tokens
                 gap_sum, gap_max, clipped = gap_sum + out.gap_sum, max(gap_max, out.gap_max), clipped + out.clipped
+            tb = time.perf_counter()
             self.engine.backward(loss)
+            to = time.perf_counter()
+            self._timing["backward_s"] += to - tb
             if i == self.gas - 1 and not bad and self.cfg.train.zero_stage == 0:
                 grad_norm = self._grad_norm()
             if i == self.gas - 1 and bad:
@@ -314,6 +331,7 @@ class StudentTrainer(ActorProcess):
                     self.engine.step()  # DeepSpeed still zeroes the grads and advances the LR schedule
             else:
                 self.engine.step()
+            self._timing["optimizer_s"] += time.perf_counter() - to
         train_s = time.perf_counter() - t0 - self._timing["teacher_s"]
         if bad:
             self.bad_steps += 1
@@ -361,6 +379,7 @@ class StudentTrainer(ActorProcess):
             train_s=train_s,
             ema_s=time.perf_counter() - t1,
             version=self.version,
+            **{k: v for k, v in self._timing.items() if k != "teacher_s"},
         )
 
     def _samples(self, mine: list[Any]) -> list[dict[str, Any]]:
@@ -401,11 +420,13 @@ class StudentTrainer(ActorProcess):
         }
 
     def _grad_norm(self) -> float:
-        sq = 0.0
-        for p in self.module.parameters():
-            if p.grad is not None:
-                sq += float(p.grad.detach().float().pow(2).sum())
-        return math.sqrt(sq)
+        # accumulated in fp32 without widening a copy of each bf16 gradient first
+        norms = [
+            torch.linalg.vector_norm(p.grad, dtype=torch.float32)
+            for p in self.module.parameters()
+            if p.grad is not None
+        ]
+        return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
 
     def _update_teacher(self) -> None:
         if self.teacher is None or self.cfg.teacher.kind != "ema":

@@ -18,7 +18,29 @@ from typing import Any
 
 from sdft_ray.config import Config
 
-STAGES = ("rollout_s", "teacher_s", "train_s", "ema_s", "weight_sync_s")
+# train_s holds forward_s, loss_s, backward_s and optimizer_s (and what lies between them)
+STAGES = (
+    "rollout_s",
+    "teacher_s",
+    "train_s",
+    "forward_s",
+    "loss_s",
+    "backward_s",
+    "optimizer_s",
+    "ema_s",
+    "weight_sync_s",
+)
+
+
+def _in_own_process(fn: Any, *args: Any) -> Any:
+    """``fn(*args)`` in a fresh process: each system's memory is given back before the next one starts (TRL's
+    model stayed in the bench process and our trainer was then killed for memory on 24 GB), and each run gets a
+    Ray of its own."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
 
 
 def _ours(cfg: Config, steps: int) -> dict[str, Any]:
@@ -47,9 +69,12 @@ def _ours(cfg: Config, steps: int) -> dict[str, Any]:
     wall = sum(r["step_s"] for r in rows)
     stage = {k: statistics.mean(r.get(k, 0.0) for r in rows) for k in STAGES}
     samples = sum(r["samples"] for r in rows)
+    from sdft_ray.precision import resolve_dtype
+
     return {
         "system": "sdft-ray",
         "algo": c.train.algo,
+        "dtype": f"{c.model.dtype} ({str(resolve_dtype(c.model.dtype, torch_device(c))).removeprefix('torch.')})",
         "steps": len(rows),
         "wall_s": wall,
         "samples_per_s": samples / wall,
@@ -60,7 +85,14 @@ def _ours(cfg: Config, steps: int) -> dict[str, Any]:
         "lag_mean": statistics.mean(r["lag_mean"] for r in rows),
         "lag_max": max(r["lag_max"] for r in rows),
         "peak_memory_mb": peak,
+        "peak_rss_gb": {k: round(v["rss_mb"] / 1024, 2) for k, v in peak.items()},
     }
+
+
+def torch_device(cfg: Config) -> Any:
+    import torch
+
+    return torch.device("cuda" if cfg.train.num_gpus else "cpu")
 
 
 def _trl(cfg: Config, steps: int) -> dict[str, Any]:
@@ -81,6 +113,9 @@ def _trl(cfg: Config, steps: int) -> dict[str, Any]:
         "{demonstration}", "{privileged_context}"
     )
     t, lo = cfg.train, cfg.loss
+    from sdft_ray.precision import resolve_dtype
+
+    bf16 = str(resolve_dtype(cfg.model.dtype, torch_device(cfg))) == "torch.bfloat16"
     args = SDFTConfig(
         output_dir=str(Path(cfg.train.output_dir) / "bench_trl"),
         # our micro-batching (one generation per optimizer step either way): per-call overhead and the
@@ -104,7 +139,7 @@ def _trl(cfg: Config, steps: int) -> dict[str, Any]:
         report_to="none",
         save_strategy="no",
         use_cpu=True,
-        bf16=False,
+        bf16=bf16,  # the dtype ours resolved to: autocast in bf16 over fp32 weights, TRL's mixed precision
         seed=t.seed,
         disable_tqdm=True,
     )
@@ -125,6 +160,7 @@ def _trl(cfg: Config, steps: int) -> dict[str, Any]:
     return {
         "system": "trl SDFTTrainer",
         "algo": "sdft",
+        "dtype": "bf16 autocast" if bf16 else "float32",
         "steps": steps,
         "wall_s": wall,
         "samples_per_s": samples / wall,
@@ -173,22 +209,22 @@ def _markdown(results: list[dict[str, Any]], ratios: dict[str, float]) -> str:
     cols = [
         "system",
         "algo",
+        "dtype",
         "steps",
         "samples_per_s",
-        "tokens_per_s",
         "s_per_demonstration",
-        "mean_rollout_s",
-        "mean_teacher_s",
-        "mean_train_s",
-        "mean_weight_sync_s",
+        *(f"mean_{k}" for k in STAGES),
         "overlap",
         "lag_mean",
+        "peak_rss_gb",
     ]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in results:
         cells = []
         for c in cols:
             v = r.get(c, "")
+            if isinstance(v, dict):
+                v = ", ".join(f"{k} {x:g}" for k, x in v.items())
             cells.append(f"{v:.4g}" if isinstance(v, float) else str(v))
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
@@ -204,26 +240,41 @@ def run_bench(
     out: str,
     compare_rollout: bool = False,
     command: str = "",
+    dtypes: list[str] | None = None,
 ) -> dict[str, Any]:
-    # TRL first, in a process with no Ray yet: after our run, Ray's daemons and the dying actors would
-    # share the cores with it (that cost TRL up to a third of its speed here)
-    trl = _trl(cfg, steps) if compare_trl else None
-    results = [_ours(cfg, steps)]
+    """Every system in a process of its own, one after the other. ``dtypes``: our run once per ``model.dtype``
+    (before/after rows in one bench run; the per-stage speed-ups of the last over the first go in the ratios);
+    SFT and TRL run with the last of them, and are compared with our run in it."""
+    runs = []
+    for dt in dtypes or [cfg.model.dtype]:
+        c = copy.deepcopy(cfg)
+        c.model.dtype = dt
+        runs.append(c)
+    results = [_in_own_process(_ours, c, steps) for c in runs]
+    ours = results[-1]
     ratios: dict[str, float] = {}
+    if len(results) > 1:
+        first, last = results[0], results[-1]
+        for k in ("samples_per_s", *(f"mean_{x}" for x in STAGES)):
+            if k == "samples_per_s":
+                ratios["speedup_whole_step"] = last[k] / first[k]
+            elif last.get(k):
+                ratios[f"speedup_{k.removeprefix('mean_')}"] = first[k] / last[k]
     if compare_rollout:
-        vllm, hf = _rollout(cfg, "vllm", steps), _rollout(cfg, "hf", steps)
+        vllm = _in_own_process(_rollout, runs[-1], "vllm", steps)
+        hf = _in_own_process(_rollout, runs[-1], "hf", steps)
         results += [vllm, hf]
         ratios["vllm_over_hf_rollout_tokens_per_s"] = vllm["tokens_per_s"] / hf["tokens_per_s"]
     if compare_sft:
-        sft_cfg = copy.deepcopy(cfg)
+        sft_cfg = copy.deepcopy(runs[-1])
         sft_cfg.train.algo = "sft"
-        results.append(_ours(sft_cfg, steps))
+        results.append(_in_own_process(_ours, sft_cfg, steps))
         ratios["sdft_over_sft_wall_per_demonstration"] = (
-            results[0]["s_per_demonstration"] / results[-1]["s_per_demonstration"]
+            ours["s_per_demonstration"] / results[-1]["s_per_demonstration"]
         )
-    if trl is not None:
-        results.append(trl)
-        ratios["ours_over_trl_throughput"] = results[0]["samples_per_s"] / results[-1]["samples_per_s"]
+    if compare_trl:
+        results.append(_in_own_process(_trl, runs[-1], steps))
+        ratios["ours_over_trl_throughput"] = ours["samples_per_s"] / results[-1]["samples_per_s"]
     outdir = Path(out)
     outdir.mkdir(parents=True, exist_ok=True)
     report = {
@@ -249,18 +300,14 @@ def machine_info() -> dict[str, Any]:
 
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from sdft_ray.precision import bf16_flags, cpu_model
+
+    cpu = cpu_model()
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     info: dict[str, Any] = {
         "cpu": cpu,
         "cpus": os.cpu_count(),
+        "cpu_bf16_flags": list(bf16_flags()),
         "gpu": torch.cuda.get_device_name(0) if gpus else "no GPU",
         "gpus": gpus,
         "python": platform.python_version(),
@@ -276,5 +323,7 @@ def machine_info() -> dict[str, Any]:
 def machine() -> str:
     """``machine_info`` on one line, for a table's caption."""
     info = machine_info()
-    versions = ", ".join(f"{k} {v}" for k, v in info.items() if k not in ("cpu", "cpus", "gpu", "gpus", "python"))
-    return f"{info['cpus']} x {info['cpu']}, {info['gpu']}, Python {info['python']}; {versions}"
+    skip = ("cpu", "cpus", "cpu_bf16_flags", "gpu", "gpus", "python")
+    versions = ", ".join(f"{k} {v}" for k, v in info.items() if k not in skip)
+    flags = ", ".join(info["cpu_bf16_flags"]) or "no bf16 instructions"
+    return f"{info['cpus']} x {info['cpu']} ({flags}), {info['gpu']}, Python {info['python']}; {versions}"

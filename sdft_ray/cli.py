@@ -80,6 +80,12 @@ def main(argv: list[str] | None = None) -> int:
     be.add_argument(
         "--compare-rollout", action="store_true", help="rollout tokens/s of vLLM vs HF generate, same settings"
     )
+    be.add_argument(
+        "--dtypes",
+        nargs="+",
+        metavar="DTYPE",
+        help="run ours once per model.dtype (e.g. float32 auto: before/after rows and per-stage speed-ups)",
+    )
     be.add_argument("--out", default="bench_results", help="folder for JSON + Markdown results")
     lm = sub.add_parser("loss-memory", help="peak memory of one loss step: materialized vs chunked logits")
     lm.add_argument("--tokens", type=int, default=2048, help="tokens per micro-batch (e.g. 2 x 1024)")
@@ -248,8 +254,20 @@ def main(argv: list[str] | None = None) -> int:
             from sdft_ray.bench import run_bench
 
             command = shlex.join(["sdft-ray", *(sys.argv[1:] if argv is None else argv)])
+            for dt in args.dtypes or []:
+                if dt not in ("auto", "float32", "bfloat16", "float16"):
+                    raise ConfigError(f"--dtypes {dt}: choose from auto, float32, bfloat16, float16")
             _print(
-                run_bench(cfg, args.steps, args.compare_sft, args.compare_trl, args.out, args.compare_rollout, command)
+                run_bench(
+                    cfg,
+                    args.steps,
+                    args.compare_sft,
+                    args.compare_trl,
+                    args.out,
+                    args.compare_rollout,
+                    command,
+                    args.dtypes,
+                )
             )
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)

@@ -78,9 +78,13 @@ class StepResult:
     lag_max: int
     rollout_s: float
     teacher_s: float
-    train_s: float
+    train_s: float  # student forward + loss + backward + optimizer: the four below and what lies between them
     ema_s: float
     version: int
+    forward_s: float = 0.0  # the student's decoder (and, unchunked, its LM head)
+    loss_s: float = 0.0  # the loss's forward: with chunk_tokens, the LM heads and the divergence chunk by chunk
+    backward_s: float = 0.0  # includes the chunks' recomputation (activation checkpointing)
+    optimizer_s: float = 0.0  # DeepSpeed's step: clipping, Adam, and with bf16 the copies to and from the master
     completions: list[dict[str, Any]] = field(default_factory=list)  # decoded, for completions.jsonl (rank 0)
 
     # averaged over ranks; every other field is rank 0's (tokens are summed)

@@ -91,10 +91,11 @@ def test_compare_methods_runs_each_method_and_seed(tiny, ray_cluster, tmp_path: 
 
 def test_bench_smoke_produces_every_field(tiny, ray_cluster, tmp_path: Path) -> None:
     over = tiny_overrides(tiny, tmp_path / "run")
-    assert main(["bench", *over, "--steps", "2", "--compare-sft", "--out", str(tmp_path / "b")]) == 0
+    args = ["bench", *over, "--steps", "2", "--compare-sft", "--dtypes", "float32", "bfloat16"]
+    assert main([*args, "--out", str(tmp_path / "b")]) == 0
     rep = json.loads((tmp_path / "b" / "bench.json").read_text())
-    ours, sft = rep["results"]
-    for r in (ours, sft):
+    before, after, sft = rep["results"]  # each in a process of its own
+    for r in (before, after, sft):
         for k in (
             "samples_per_s",
             "tokens_per_s",
@@ -102,19 +103,32 @@ def test_bench_smoke_produces_every_field(tiny, ray_cluster, tmp_path: Path) -> 
             "mean_rollout_s",
             "mean_teacher_s",
             "mean_train_s",
+            "mean_forward_s",
+            "mean_loss_s",
+            "mean_backward_s",
+            "mean_optimizer_s",
+            "mean_ema_s",
             "mean_weight_sync_s",
             "overlap",
             "lag_mean",
             "lag_max",
             "peak_memory_mb",
+            "peak_rss_gb",
         ):
             assert k in r, k
         assert r["steps"] == 2 and r["samples_per_s"] > 0 and r["peak_memory_mb"]["trainer"]["rss_mb"] > 0
-    assert ours["algo"] == "sdft" and sft["algo"] == "sft" and ours["mean_rollout_s"] > 0
-    assert rep["ratios"]["sdft_over_sft_wall_per_demonstration"] > 0
+        assert 0 < r["mean_forward_s"] + r["mean_backward_s"] + r["mean_optimizer_s"] <= r["mean_train_s"]
+    assert before["dtype"] == "float32 (float32)" and after["dtype"] == "bfloat16 (bfloat16)"
+    assert before["algo"] == after["algo"] == "sdft" and sft["algo"] == "sft" and after["mean_rollout_s"] > 0
+    assert sft["dtype"] == after["dtype"]  # SFT runs as the last of --dtypes
+    r = rep["ratios"]
+    assert r["sdft_over_sft_wall_per_demonstration"] == after["s_per_demonstration"] / sft["s_per_demonstration"]
+    assert r["speedup_whole_step"] == after["samples_per_s"] / before["samples_per_s"]
+    assert r["speedup_backward_s"] == before["mean_backward_s"] / after["mean_backward_s"]
     md = (tmp_path / "b" / "bench.md").read_text()
     assert "samples_per_s" in md and "--compare-sft" in md  # the table says how it was made, and where
-    assert f"{os.cpu_count()} x " in md and "torch " in md
+    assert f"{os.cpu_count()} x " in md and "torch " in md and "mean_optimizer_s" in md
+    assert main([*args[:-2], "fp8", "--out", str(tmp_path / "c")]) == 2  # one line, no run
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
