@@ -149,6 +149,11 @@ class StudentTrainer(ActorProcess):
             config=ds_cfg,
             dist_init_required=False,  # init_process_group above
         )
+        if world_size == 1 and t.zero_stage == 0:
+            # One rank has nobody to average gradients with, but DeepSpeed's backward still flattens every gradient
+            # into buckets, "all-reduces" them over a group of one, divides by 1 and copies them back: exact, and
+            # seconds of memory traffic per step on a 0.5B model. ZeRO >= 1 finishes its own buffers in that pass.
+            self.engine.enable_backward_allreduce = False
         self.gas = grad_accum_steps(cfg)
         self.version = 0
         self.bad_steps = 0

@@ -10,9 +10,9 @@ another fails (``report.json`` is rewritten after each):
 
 1. ``loss_numerics``: one batch's full-vocabulary SDFT loss (chunked, forward KL) and every gradient in bf16 on
    the GPU against fp32 on the CPU, the same weights and tokens;
-2. ``zero2_bf16`` / ``zero3_bf16``: SDFT through the real driver (HF rollouts on the GPU, EMA teacher with its
-   fp32 master, checksum-verified object-store sync), seconds per step, peak GPU memory per role beside
-   ``sdft-ray memory``'s estimate.
+2. ``zero0_bf16`` / ``zero2_bf16`` / ``zero3_bf16``: SDFT through the real driver (HF rollouts on the GPU, EMA
+   teacher with its fp32 master, checksum-verified object-store sync), seconds per step, peak GPU memory per
+   role beside ``sdft-ray memory``'s estimate.
 """
 
 from __future__ import annotations
@@ -199,6 +199,7 @@ def main() -> int:
     ]
     checks = {
         "loss_numerics": lambda: check_loss_numerics(model, data),
+        "zero0_bf16": lambda: run_sdft([*base, "train.zero_stage=0", f"train.output_dir={work / 'z0'}"], a.steps),
         "zero2_bf16": lambda: run_sdft([*base, "train.zero_stage=2", f"train.output_dir={work / 'z2'}"], a.steps),
         "zero3_bf16": lambda: run_sdft([*base, "train.zero_stage=3", f"train.output_dir={work / 'z3'}"], a.steps),
     }

@@ -118,6 +118,9 @@ def test_bench_smoke_produces_every_field(tiny, ray_cluster, tmp_path: Path) -> 
             assert k in r, k
         assert r["steps"] == 2 and r["samples_per_s"] > 0 and r["peak_memory_mb"]["trainer"]["rss_mb"] > 0
         assert 0 < r["mean_forward_s"] + r["mean_backward_s"] + r["mean_optimizer_s"] <= r["mean_train_s"]
+        # overlap counts the stages a step is made of, not train_s's parts a second time
+        stages = ("rollout_s", "teacher_s", "train_s", "ema_s", "weight_sync_s")
+        assert r["overlap"] == pytest.approx(sum(r[f"mean_{k}"] for k in stages) * r["steps"] / r["wall_s"])
     assert before["dtype"] == "float32 (float32)" and after["dtype"] == "bfloat16 (bfloat16)"
     assert before["algo"] == after["algo"] == "sdft" and sft["algo"] == "sft" and after["mean_rollout_s"] > 0
     assert sft["dtype"] == after["dtype"]  # SFT runs as the last of --dtypes

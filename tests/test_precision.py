@@ -112,6 +112,32 @@ def test_bf16_loss_and_gradients_stay_close_to_fp32_on_the_tiny_model(tiny) -> N
     assert_bf16_close_to_fp32(tiny["model"], tiny["train"])
 
 
+def test_our_loss_is_trls_on_the_same_logits_and_bf16_stays_within_tolerance_of_it(tiny) -> None:
+    """TRL 1.16's full-logit SDFT loss (trl.experimental.sdft.loss_utils) on the logits ours scores: equal in fp32;
+    with the model in bf16, ours stays within the stated tolerance of TRL's fp32 loss."""
+    from trl.experimental.sdft.loss_utils import compute_full_logit_self_distillation_loss as trl_full_logit
+
+    from sdft_ray.losses import loss_mask, sdft_loss
+    from sdft_ray.modeling import completion_logits, load_model, pad_right
+
+    batch = _batch(tiny["model"], tiny["train"])
+    comps = [b.demonstration_ids for b in batch]
+    pad = load_tokenizer(ModelConfig(path=tiny["model"])).pad_token_id
+    ids, mask = pad_right(comps, pad)
+    counted = loss_mask(mask, 3).float()
+    ours, trl = {}, {}
+    for dtype in ("float32", "bfloat16"):
+        model = load_model(ModelConfig(path=tiny["model"], dtype=dtype), torch.device("cpu")).eval()
+        with torch.no_grad():
+            s = completion_logits(model, [b.prompt_ids for b in batch], comps, pad)
+            t = completion_logits(model, [b.teacher_prompt_ids for b in batch], comps, pad)
+        ours[dtype] = float(sdft_loss(s, ids, mask, teacher_logits=t, skip_first=3).loss)
+        per_token = trl_full_logit(s.float(), t.float(), distillation_alpha=0.0)  # alpha 0: forward KL, as ours
+        trl[dtype] = float(((per_token * counted).sum(-1) / counted.sum(-1).clamp(min=1.0)).mean())
+        assert ours[dtype] == pytest.approx(trl[dtype], rel=1e-5), dtype
+    assert abs(ours["bfloat16"] - trl["float32"]) <= LOSS_RTOL * trl["float32"], (ours, trl)
+
+
 def test_a_bf16_trainer_steps_like_the_fp32_one(tiny, ray_cluster, tmp_path: Path) -> None:
     """DeepSpeed's bf16 mode with the fused Adam on its fp32 master: the same first loss within tolerance, and
     over three steps the student moves as the fp32 one does (the same direction of the update)."""
