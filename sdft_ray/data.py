@@ -30,6 +30,7 @@ class Example:
     teacher: Messages
     demonstration: str | None
     answer: str | None = None
+    tools: list[dict[str, Any]] | None = None  # function schemas the chat template renders (tool calling)
 
 
 @dataclass
@@ -222,13 +223,16 @@ def normalize_record(rec: Any, index: int, where: str, cfg: DataConfig) -> Examp
         raise DataError(
             f"{where}: field 'prompt' (or 'messages') is missing; fields present: {', '.join(sorted(rec)) or 'none'}"
         )
+    tools = rec.get("tools")
+    if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
+        raise DataError(f"{where}: field 'tools' must be a list of function schemas (objects)")
     if cfg.system_prompt and prompt[0]["role"] != "system":
         prompt = [{"role": "system", "content": cfg.system_prompt}, *prompt]
     if teacher is None:
         body = cfg.teacher_template.format(question=_question(prompt), demonstration=demo)
         system = [m for m in prompt if m["role"] == "system"]
         teacher = [*system, {"role": "user", "content": body}]
-    return Example(index=index, prompt=prompt, teacher=teacher, demonstration=demo, answer=answer)
+    return Example(index=index, prompt=prompt, teacher=teacher, demonstration=demo, answer=answer, tools=tools)
 
 
 def load_examples(cfg: DataConfig, source: str | None = None, report: LoadReport | None = None) -> list[Example]:
@@ -258,17 +262,21 @@ def load_examples(cfg: DataConfig, source: str | None = None, report: LoadReport
 # ---------------------------------------------------------------- tokenizing
 
 
-def render_chat(tokenizer: Any, messages: Messages) -> str:
-    """The generation prompt for a chat, via the tokenizer's chat template."""
+def render_chat(tokenizer: Any, messages: Messages, tools: list[dict[str, Any]] | None = None) -> str:
+    """The generation prompt for a chat, via the tokenizer's chat template (which renders ``tools`` its own way,
+    as the model was trained to read them)."""
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
     # Base models without a template: plain text, so a user's base checkpoint still trains.
-    return "\n\n".join(m["content"] for m in messages) + "\n\n"
+    listed = [json.dumps(t) for t in tools or []]
+    return "\n\n".join([*listed, *(m["content"] for m in messages)]) + "\n\n"
 
 
-def encode_prompt(tokenizer: Any, messages: Messages, max_len: int) -> tuple[list[int], bool]:
+def encode_prompt(
+    tokenizer: Any, messages: Messages, max_len: int, tools: list[dict[str, Any]] | None = None
+) -> tuple[list[int], bool]:
     """Token ids of a rendered chat, left-truncated to ``max_len``; returns (ids, was_truncated)."""
-    ids = tokenizer(render_chat(tokenizer, messages), add_special_tokens=False)["input_ids"]
+    ids = tokenizer(render_chat(tokenizer, messages, tools), add_special_tokens=False)["input_ids"]
     if len(ids) > max_len:
         return ids[-max_len:], True
     return ids, False
@@ -279,8 +287,8 @@ def tokenize_examples(
 ) -> list[TokenizedExample]:
     out = []
     for ex in examples:
-        p, t1 = encode_prompt(tokenizer, ex.prompt, cfg.max_prompt_length)
-        t, t2 = encode_prompt(tokenizer, ex.teacher, cfg.max_prompt_length)
+        p, t1 = encode_prompt(tokenizer, ex.prompt, cfg.max_prompt_length, ex.tools)
+        t, t2 = encode_prompt(tokenizer, ex.teacher, cfg.max_prompt_length, ex.tools)
         demo_ids: list[int] = []
         if ex.demonstration is not None:
             demo_ids = tokenizer(ex.demonstration, add_special_tokens=False)["input_ids"]

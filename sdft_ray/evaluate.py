@@ -2,7 +2,8 @@
 
 Scorers (docs/algorithm.md): ``answer_tag`` (science: exact match of the text inside <answer>...</answer>),
 ``tool_use`` (multiset of ``Action:`` names and merged ``Action Input:`` JSON must match), ``exact``,
-``contains``, ``humaneval`` (the reply's program passes the problem's tests, run in a sandbox process).
+``contains``, ``humaneval`` (the reply's program passes the problem's tests, run in a sandbox process), ``bfcl``
+(BFCL's AST checker on the calls decoded from the reply).
 """
 
 from __future__ import annotations
@@ -78,12 +79,20 @@ def score_humaneval(pred: str, gold: str) -> bool:
     return humaneval.score_batch([pred], [gold])[0]
 
 
+def score_bfcl(pred: str, gold: str) -> bool:
+    """``gold`` names a BFCL record; BFCL's own AST checker judges the calls decoded from the reply."""
+    from sdft_ray.evals import bfcl
+
+    return bfcl.score(pred, gold)
+
+
 SCORERS = {
     "exact": score_exact,
     "answer_tag": score_answer_tag,
     "tool_use": score_tool_use,
     "contains": score_contains,
     "humaneval": score_humaneval,
+    "bfcl": score_bfcl,
 }
 
 

@@ -125,3 +125,43 @@ def test_calls_are_decoded_by_one_rule() -> None:
     assert bfcl.decode_calls(mixed) == want
     assert bfcl.decode_calls("I would call f with x = 1.") == []
     assert bfcl.decode_calls('{"answer": 3}') == []
+
+
+def test_the_task_files_train_on_live_and_evaluate_on_the_rest(tmp_path, tiny) -> None:
+    from sdft_ray.config import DataConfig, ModelConfig
+    from sdft_ray.data import encode_prompt, load_examples
+    from sdft_ray.evaluate import score_all
+    from sdft_ray.modeling import load_tokenizer
+
+    written = bfcl.write_tasks(tmp_path, limit=4)
+    train = written["bfcl_train"]
+    # every live record whose canonical answer BFCL's checker accepts: 258 + 1053 less the 5 it rejects
+    assert train["records"] == 1306 and len(train["left_out"]) == 5
+    ex = load_examples(DataConfig(train=train["path"]))
+    assert all(e.tools and e.demonstration.startswith("<tool_call>") for e in ex)
+    assert {json.loads(e.answer)["bfcl"] for e in ex} == set(bfcl.TRAIN_CATEGORIES)  # nothing from the eval sets
+    # the demonstrations are right by the judge that scores the evals; so are the eval files' references
+    assert all(score_all("bfcl", [e.demonstration for e in ex[:50]], [e.answer for e in ex[:50]]))
+    for cat in bfcl.EVAL_CATEGORIES:
+        ev = load_examples(DataConfig(train=written[f"bfcl_{cat}"]["path"]))
+        assert len(ev) == 4 and all(score_all("bfcl", [e.demonstration for e in ev], [e.answer for e in ev]))
+        assert not any(score_all("bfcl", ["I am not sure."] * 4, [e.answer for e in ev])) or cat == "irrelevance"
+    # the tools reach the prompt through the chat template (here a minimal one that lists the tool names)
+    tok = load_tokenizer(ModelConfig(path=tiny["model"]))
+    tok.chat_template = (
+        "{% for t in tools %}{{ t.function.name }};{% endfor %}{% for m in messages %}{{ m.content }}{% endfor %}"
+    )
+    ids, _ = encode_prompt(tok, ex[0].prompt, 100_000, ex[0].tools)
+    assert tok.decode(ids).startswith(ex[0].tools[0]["function"]["name"] + ";")
+    assert ex[0].tools[0]["function"]["parameters"]["type"] == "object"  # BFCL's "dict", as JSON Schema
+
+
+def test_a_bad_tools_field_names_file_record_and_field(tmp_path) -> None:
+    from sdft_ray.config import DataConfig
+    from sdft_ray.data import load_examples
+    from sdft_ray.errors import DataError
+
+    f = tmp_path / "t.jsonl"
+    f.write_text(json.dumps({"prompt": "q", "golden_response": ["a"], "tools": "get_weather"}) + "\n")
+    with pytest.raises(DataError, match=r"t.jsonl: record 0: field 'tools' must be a list of function schemas"):
+        load_examples(DataConfig(train=str(f)))

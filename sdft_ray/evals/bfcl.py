@@ -166,3 +166,79 @@ def canonical_calls(record: dict[str, Any]) -> list[dict[str, Any]]:
         args = {p: val for p, opts in params.items() for ok, val in [_pick(opts)] if ok}
         calls.append({"name": name, "arguments": args})
     return calls
+
+
+_TYPES = {"dict": "object", "float": "number", "tuple": "array", "any": "string"}
+
+
+def _schema(node: Any) -> Any:
+    # BFCL writes Python type names ("dict", "float", "tuple", "any"); chat templates and models expect JSON
+    # Schema's, as BFCL's own converter for function-calling APIs maps them
+    if isinstance(node, dict):
+        out = {k: _schema(v) for k, v in node.items()}
+        if isinstance(out.get("type"), str):
+            out["type"] = _TYPES.get(out["type"], out["type"])
+        return out
+    if isinstance(node, list):
+        return [_schema(x) for x in node]
+    return node
+
+
+def to_tool(function: dict[str, Any]) -> dict[str, Any]:
+    """A BFCL function as the tool schema ``apply_chat_template(tools=...)`` renders."""
+    return {"type": "function", "function": _schema(function)}
+
+
+def demonstration(calls: list[dict[str, Any]]) -> str:
+    """Calls written as Qwen2.5's chat template writes an assistant's tool calls (Hermes style)."""
+    return "\n".join(f"<tool_call>\n{json.dumps(c, ensure_ascii=False)}\n</tool_call>" for c in calls)
+
+
+def _record(r: dict[str, Any], category: str, demo: str) -> dict[str, Any]:
+    return {
+        "prompt": r["question"][0],  # the first (here: only) turn's messages
+        "tools": [to_tool(f) for f in r["function"]],
+        "golden_response": [demo],
+        "answer": json.dumps({"bfcl": category, "id": r["id"]}),
+    }
+
+
+NO_CALL = "None of the available functions can do this, so I will not call any."
+
+
+def write_tasks(out: str | Path, limit: int = 0, wheel_path: str | None = None) -> dict[str, Any]:
+    """``bfcl_train.jsonl`` (demonstrations from the live categories, one canonical call set per record) and one
+    ``bfcl_<category>_eval.jsonl`` per evaluation category (the first ``limit`` records; 0: all). Live records
+    whose canonical answer BFCL's checker itself rejects (their ground truth contradicts the schema) are left out
+    and counted."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    written: dict[str, Any] = {}
+    train, dropped = [], []
+    for cat in TRAIN_CATEGORIES:
+        for r in load(cat, wheel_path):
+            demo = demonstration(canonical_calls(r))
+            if judge(r, cat, demo, wheel_path)["valid"]:
+                train.append(_record(r, cat, demo))
+            else:
+                dropped.append(r["id"])
+    (out / "bfcl_train.jsonl").write_text("".join(json.dumps(x) + "\n" for x in train))
+    written["bfcl_train"] = {"path": str(out / "bfcl_train.jsonl"), "records": len(train), "left_out": dropped}
+    for cat in EVAL_CATEGORIES:
+        rows = load(cat, wheel_path)[: limit or None]
+        demos = [NO_CALL if "irrelevance" in cat else demonstration(canonical_calls(r)) for r in rows]
+        path = out / f"bfcl_{cat}_eval.jsonl"
+        path.write_text("".join(json.dumps(_record(r, cat, d)) + "\n" for r, d in zip(rows, demos, strict=True)))
+        written[f"bfcl_{cat}"] = {"path": str(path), "records": len(rows)}
+    return written
+
+
+@lru_cache(maxsize=16)
+def _by_id(category: str) -> dict[str, dict[str, Any]]:
+    return {r["id"]: r for r in load(category)}
+
+
+def score(reply: str, gold: str) -> bool:
+    """The ``bfcl`` scorer: ``gold`` is {"bfcl": category, "id": record id} as the task files write it."""
+    ref = json.loads(gold)
+    return judge(_by_id(ref["bfcl"])[ref["id"]], ref["bfcl"], reply)["valid"]
