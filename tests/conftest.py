@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # tests/test_precision.py reads TRL's SDFT loss on purpose
 # model.dtype=auto picks bf16 on CPUs that compute it in hardware (sdft_ray/precision.py); the suite's numbers are
 # pinned in fp32 on every CPU, as CI machines differ. tests/test_precision.py clears it to test the choice itself.
 os.environ.setdefault("SDFT_RAY_CPU_DTYPE", "float32")
