@@ -70,12 +70,14 @@ def _ours(cfg: Config, steps: int) -> dict[str, Any]:
     wall = sum(r["step_s"] for r in rows)
     stage = {k: statistics.mean(r.get(k, 0.0) for r in rows) for k in STAGES}
     samples = sum(r["samples"] for r in rows)
+    from sdft_ray.modeling import device_for
     from sdft_ray.precision import resolve_dtype
 
+    resolved = str(resolve_dtype(c.model.dtype, device_for(c.train.num_gpus))).removeprefix("torch.")
     return {
         "system": "sdft-ray",
         "algo": c.train.algo,
-        "dtype": f"{c.model.dtype} ({str(resolve_dtype(c.model.dtype, torch_device(c))).removeprefix('torch.')})",
+        "dtype": f"{c.model.dtype} ({resolved})",
         "steps": len(rows),
         "wall_s": wall,
         "samples_per_s": samples / wall,
@@ -88,12 +90,6 @@ def _ours(cfg: Config, steps: int) -> dict[str, Any]:
         "peak_memory_mb": peak,
         "peak_rss_gb": {k: round(v["rss_mb"] / 1024, 2) for k, v in peak.items()},
     }
-
-
-def torch_device(cfg: Config) -> Any:
-    import torch
-
-    return torch.device("cuda" if cfg.train.num_gpus else "cpu")
 
 
 def _trl(cfg: Config, steps: int) -> dict[str, Any]:
@@ -114,9 +110,12 @@ def _trl(cfg: Config, steps: int) -> dict[str, Any]:
         "{demonstration}", "{privileged_context}"
     )
     t, lo = cfg.train, cfg.loss
+    import torch
+
+    from sdft_ray.modeling import device_for
     from sdft_ray.precision import resolve_dtype
 
-    bf16 = str(resolve_dtype(cfg.model.dtype, torch_device(cfg))) == "torch.bfloat16"
+    bf16 = resolve_dtype(cfg.model.dtype, device_for(cfg.train.num_gpus)) == torch.bfloat16
     args = SDFTConfig(
         output_dir=str(Path(cfg.train.output_dir) / "bench_trl"),
         # our micro-batching (one generation per optimizer step either way): per-call overhead and the

@@ -17,7 +17,6 @@ from __future__ import annotations
 import gzip
 import json
 import re
-import shutil
 import subprocess
 import sys
 from functools import lru_cache
@@ -121,9 +120,9 @@ def score_batch(replies: list[str], task_ids: list[str]) -> list[bool]:
 
 def network_isolation() -> str:
     """How the sandbox is cut off from the network here: 'namespace' or 'none (unshare unavailable)'."""
-    from sdft_ray.evals.sandbox import sandbox_command
+    from sdft_ray.evals.sandbox import isolation_prefix
 
-    return "namespace" if sandbox_command()[0] == shutil.which("unshare") else "none (unshare unavailable)"
+    return "namespace" if isolation_prefix() else "none (unshare unavailable)"
 
 
 if __name__ == "__main__":  # python -m sdft_ray.evals.humaneval OUT.jsonl [LIMIT]

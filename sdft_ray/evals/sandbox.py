@@ -17,7 +17,7 @@ from pathlib import Path
 
 
 @functools.lru_cache(maxsize=1)
-def _isolation() -> list[str]:
+def isolation_prefix() -> list[str]:
     """The prefix that gives the sandbox a network namespace of its own (only a down loopback inside), or none:
     as root ``unshare -n``; otherwise a user namespace mapped to root, where the kernel allows one."""
     tool = shutil.which("unshare")
@@ -33,7 +33,7 @@ def _isolation() -> list[str]:
 
 
 def sandbox_command() -> list[str]:
-    return [*_isolation(), sys.executable, "-I", str(Path(__file__).resolve())]
+    return [*isolation_prefix(), sys.executable, "-I", str(Path(__file__).resolve())]
 
 
 def main() -> None:
