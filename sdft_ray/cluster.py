@@ -144,13 +144,23 @@ def describe_nodes(nodes: dict[str, str]) -> str:
 
 def is_dead(actor: Any) -> bool:
     """Whether an actor no longer answers (died, or hangs past 30 s)."""
+    import time
+
     import ray
 
-    try:
-        ray.get(actor.pid.remote(), timeout=30)
-        return False
-    except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-        return True
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            ray.get(actor.pid.remote(), timeout=max(0.1, deadline - time.monotonic()))
+            return False
+        except ray.exceptions.ActorUnavailableError:
+            # the connection dropped and Ray has no verdict yet (a lost node is declared dead only after its
+            # health checks): ask again until it says died or the actor answers
+            if time.monotonic() >= deadline:
+                return True
+            time.sleep(0.2)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            return True
 
 
 def get(refs: Any, what: str, timeout: float, error: type[ActorFailure] = ActorFailure, setting: str = "") -> Any:

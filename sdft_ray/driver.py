@@ -234,16 +234,19 @@ class SDFTDriver:
         """
         import ray
 
+        # who died first, then which nodes are gone: Ray fails a call to an actor whose node vanished as soon as
+        # the connection drops, but names the node dead only after its health checks; asking the actors waits
+        # for Ray's verdict on them, and by then a lost node is marked
+        dead_trainers = [i for i, a in enumerate(self.trainers) if is_dead(a)]
+        dead = [(g, name, g.dead()) for g, name in ((self.rollouts, "rollout"), (self.teachers, "teacher")) if g]
         now = alive_nodes()
         lost = {nid: addr for nid, addr in self.nodes.items() if nid not in now}
         where = f" with node {describe_nodes(lost)} lost" if lost else ""
-        dead_trainers = [i for i, a in enumerate(self.trainers) if is_dead(a)]
         if dead_trainers:
             raise ActorFailure(
                 f"trainer rank(s) {dead_trainers} died at step {self.step}{where} ({type(err).__name__}). Trainer "
                 "state is not replicated; rerun with train.resume=auto to continue from the last checkpoint."
             ) from err
-        dead = [(g, name, g.dead()) for g, name in ((self.rollouts, "rollout"), (self.teachers, "teacher")) if g]
         if lost and any(ids for _, _, ids in dead):
             try:  # what is left must still hold every role, or the restarted actors would wait forever
                 check_resources(self.cfg, ray.cluster_resources())
