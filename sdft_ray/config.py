@@ -187,12 +187,26 @@ class LoggingConfig:
 
 
 @dataclass
+class EvalSetConfig:
+    name: str = ""
+    data: str = ""  # an eval file (the formats of data.eval)
+    scorer: Literal["", Scorer] = ""  # "" = eval.scorer
+    max_examples: int = -1  # -1 = eval.max_examples; 0 = all
+    max_new_tokens: int = 0  # 0 = eval.max_new_tokens
+
+
+@dataclass
 class EvalConfig:
     scorer: Scorer = "exact"
     max_new_tokens: int = 256
     greedy: bool = True
     num_samples: int = 1  # >1 enables pass@k with the unbiased estimator
     max_examples: int = 0
+    # during training (sdft_ray/eval_points.py): every set scored through the run's own engines every `every`
+    # steps and after the last, before training too with on_start; each answer kept under output_dir/evals/
+    sets: list[EvalSetConfig] = field(default_factory=list)
+    every: int = 0  # 0 = off
+    on_start: bool = False
 
 
 @dataclass
@@ -246,7 +260,11 @@ class Config:
     @property
     def runs_rollout_engines(self) -> bool:
         """SDFT samples from the engines; SFT needs them only to score an eval set."""
-        return self.train.algo == "sdft" or bool(self.data.eval)
+        return self.train.algo == "sdft" or bool(self.data.eval) or self.evaluates_during_training
+
+    @property
+    def evaluates_during_training(self) -> bool:
+        return bool(self.eval.sets) and (self.eval.every > 0 or self.eval.on_start)
 
     @property
     def runs_teacher_actors(self) -> bool:
@@ -521,6 +539,15 @@ def validate(cfg: Config) -> None:
     need(r.kv_cache_memory_gb >= 0, "rollout.kv_cache_memory_gb must be >= 0 (0 = automatic)")
     need(pl.sync_inflight_buckets >= 0, "pipeline.sync_inflight_buckets must be >= 0 (0 = no bound)")
     need(pl.sync_bucket_mb > 0 and pl.sync_timeout_s > 0, "pipeline.sync_bucket_mb/sync_timeout_s must be > 0")
+    need(cfg.eval.every >= 0, "eval.every must be >= 0 (0 = no evaluation during training)")
+    need(
+        not (cfg.eval.every or cfg.eval.on_start) or bool(cfg.eval.sets),
+        "eval.every / eval.on_start: list the sets to score in eval.sets ({name, data, scorer})",
+    )
+    names = [es.name for es in cfg.eval.sets]
+    for i, es in enumerate(cfg.eval.sets):
+        need(bool(es.name) and bool(es.data), f"eval.sets[{i}] needs a name and a data file")
+        need(names.count(es.name) == 1, f"eval.sets[{i}]: the name {es.name!r} is used twice")
     for i, st in enumerate(cfg.continual.stages):
         need(bool(st.name) and bool(st.eval), f"continual.stages[{i}] needs a name and an eval set")
     need(t.resume in ("", "auto") or Path(t.resume).is_dir(), f"train.resume: no checkpoint folder {t.resume!r}")

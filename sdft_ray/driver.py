@@ -18,6 +18,7 @@ import time
 from typing import Any
 
 from sdft_ray import checkpoint as ckpt
+from sdft_ray import eval_points
 from sdft_ray.cluster import (
     ActorGroup,
     actor_runtime_env,
@@ -341,6 +342,8 @@ class SDFTDriver:
         )
         if self.engines and (sdft or self.step > 0):
             self.publish_weights()  # engines load the base model; after a resume they need the restored weights
+        eval_points.drop_after(cfg.train.output_dir, self.step)
+        self.evaluate_point()  # before training (eval.on_start), or one a resumed run had not finished
         self.next_launch = self.step
         t_start = time.perf_counter()
         last: dict[str, Any] = {}
@@ -354,11 +357,28 @@ class SDFTDriver:
             if self.engines and sdft:
                 self.publish_weights_or_recover()  # the new weights go to the engines for the next rollouts
             last = self.log_step(results, time.perf_counter() - t0)
+            self.evaluate_point()  # before the checkpoint: a run resumed from it has this point on disk
             if cfg.train.save_every and self.step % cfg.train.save_every == 0 and self.step < self.total_steps:
                 self.save()
         self.wait_weights()
         self.save()
         return self.finish(time.perf_counter() - t_start, last)
+
+    def evaluate_point(self) -> None:
+        """Score eval.sets at this step when it is an eval point (sdft_ray/eval_points.py); read back if done."""
+        if not eval_points.is_eval_step(self.cfg, self.step, self.total_steps):
+            return
+        out = self.cfg.train.output_dir
+        if eval_points.read_point(out, self.step) is None:
+            if self.cfg.train.algo != "sdft" and self.step > 0:  # SFT syncs its engines only to score
+                self.publish_weights()
+            self.wait_weights()
+        t0 = time.perf_counter()
+        scores = eval_points.score_point(self.cfg, self.tokenizer, self.engines, out, self.step)
+        accuracy = {name: round(v["accuracy"], 4) for name, v in scores.items()}
+        self.logger.event("eval", step=self.step, **accuracy)
+        shown = ", ".join(f"{k} {v:.3f}" for k, v in accuracy.items())
+        print(f"sdft-ray: eval at step {self.step}: {shown} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
 
     def queue_rollouts(self) -> None:
         while len(self.queue) <= self.cfg.pipeline.max_staleness and self.next_launch < self.total_steps:

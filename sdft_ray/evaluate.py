@@ -113,12 +113,19 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 
 def evaluate_with_engines(
-    cfg: Config, tokenizer: Any, engines: list[Any], source: str, teacher_prompt: bool = False, scorer: str = ""
+    cfg: Config,
+    tokenizer: Any,
+    engines: list[Any],
+    source: str,
+    teacher_prompt: bool = False,
+    scorer: str = "",
+    keep_answers: bool = False,
 ) -> dict[str, Any]:
     """Generate for every eval example on the given rollout actors and score against the gold answers.
 
     ``teacher_prompt``: answer from the teacher's prompt (demonstration in context) instead of the student's.
     ``scorer``: this source's scorer ("" = ``eval.scorer``); tasks in one run may each need their own.
+    ``keep_answers``: return every answer with its verdict under "answers", not only the first five.
     """
     import ray
 
@@ -151,12 +158,13 @@ def evaluate_with_engines(
     verdicts = score_all(scorer or e.scorer, texts, [gold_of[o.index] for o in outs])
     for o, text, ok in zip(outs, texts, verdicts, strict=True):
         by_ex.setdefault(o.index, []).append(ok)
-        if len(samples) < 5:
+        if len(samples) < 5 or keep_answers:
             samples.append({"index": o.index, "output": text, "gold": gold_of[o.index], "correct": ok})
     result: dict[str, Any] = {
         "accuracy": sum(sum(v) / len(v) for v in by_ex.values()) / len(by_ex),
         "examples": len(by_ex),
-        "samples": samples,
+        "samples": samples[:5],
+        **({"answers": samples} if keep_answers else {}),
         "per_example": {i: sum(v) / len(v) for i, v in sorted(by_ex.items())},
     }
     if n > 1:
@@ -189,7 +197,7 @@ def rollout_engines(cfg: Config, model_path: str | None = None) -> Iterator[list
             ray.kill(eng)
 
 
-def evaluate(cfg: Config, source: str, model_path: str | None = None) -> dict[str, Any]:
+def evaluate(cfg: Config, source: str, model_path: str | None = None, keep_answers: bool = False) -> dict[str, Any]:
     """Standalone eval job: start rollout actors on ``model_path`` (default model.path) and score."""
     from sdft_ray.modeling import load_tokenizer
 
@@ -198,7 +206,7 @@ def evaluate(cfg: Config, source: str, model_path: str | None = None) -> dict[st
     with rollout_engines(cfg, model_path) as engines:
         tok_cfg = copy.deepcopy(cfg.model)
         tok_cfg.path = model_path or cfg.model.path
-        return evaluate_with_engines(cfg, load_tokenizer(tok_cfg), engines, source)
+        return evaluate_with_engines(cfg, load_tokenizer(tok_cfg), engines, source, keep_answers=keep_answers)
 
 
 def run_lm_eval(model_path: str, tasks: list[str], limit: int | None = None) -> dict[str, Any]:
