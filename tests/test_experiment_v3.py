@@ -1,0 +1,57 @@
+"""The protocol-v3 runner: runs finished earlier are read back, never retrained; tables come from disk alone."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import tiny_overrides
+
+from sdft_ray import experiment_v3
+
+
+def _config(tiny: dict[str, str], tmp_path: Path) -> Path:
+    sets = [
+        {"name": "shift", "data": tiny["eval"], "scorer": "exact", "max_examples": 4},
+        {"name": "shift_long", "data": tiny["eval"], "scorer": "exact", "max_examples": 6, "max_new_tokens": 12},
+    ]
+    raw: dict = {}
+    for o in tiny_overrides(tiny, tmp_path / "unused", train__steps=0, eval__max_new_tokens=8):
+        key, value = o.split("=", 1)
+        section, name = key.split(".", 1)
+        raw.setdefault(section, {})[name] = yaml.safe_load(value) if value else ""
+    raw["train"].update(epochs=1, batch_size=4, micro_batch_size=2, save_every=2, keep_checkpoints=1)
+    raw["eval"].update(every=2, sets=sets)
+    path = tmp_path / "v3_tiny.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_runner_reads_finished_runs_back_and_rebuilds_tables(tiny, ray_cluster, tmp_path: Path) -> None:
+    config, out = _config(tiny, tmp_path), tmp_path / "v3"
+    args = ["--config", str(config), "--out", str(out), "--n-train", "8", "--seeds", "0", "--train-source"]
+    experiment_v3.main([*args, tiny["train"]])
+    train = (out / "data" / "train.jsonl").read_text().splitlines()
+    assert len(train) == 8 and set(train) <= set(Path(tiny["train"]).read_text().splitlines())
+    for m in ("sdft", "sft"):
+        done = json.loads((out / f"{m}_seed0" / "DONE.json").read_text())
+        assert done["steps"] == 2 and sorted(done["curve"]) == ["2"]  # one epoch of 8 records, 4 per step
+        assert set(done["curve"]["2"]) == {"shift", "shift_long"}
+        assert done["curve"]["2"]["shift_long"]["examples"] == 6
+        assert done["drift_nll"] > 0
+        kept = list((out / f"{m}_seed0" / "checkpoints").iterdir())
+        assert [p.name for p in kept] == ["step-000002"]
+        assert sorted(p.name for p in kept[0].iterdir() if p.is_dir()) == ["student"]  # the 9 GB parts dropped
+    base = json.loads((out / "base" / "evals" / "step-000000" / "summary.json").read_text())
+    assert base["shift"]["examples"] == 4
+    results = (out / "results.md").read_text()
+    assert "| sdft (final) |" in results and "| sft (final) |" in results and (out / "curves.png").is_file()
+
+    metrics = (out / "sft_seed0" / "metrics.jsonl").stat().st_mtime_ns
+    experiment_v3.main([*args, tiny["train"]])  # everything finished: read back, nothing retrained
+    assert (out / "sft_seed0" / "metrics.jsonl").stat().st_mtime_ns == metrics
+
+    with pytest.raises(SystemExit, match="other settings"):  # a finished run is never mixed with new settings
+        experiment_v3.main([*args, tiny["train"], "train.lr=0.5"])
