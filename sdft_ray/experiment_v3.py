@@ -202,11 +202,33 @@ def tables(root: Path, methods: list[str], seeds: list[int]) -> str:
             vals = [r["curve"][str(st)] for r in rs.values() if str(st) in r["curve"]]
             cells = [f"{statistics.mean(v[s]['accuracy'] for v in vals):.3f}" for s in sets]
             lines.append(f"| {m} | {st} | " + " | ".join(cells) + " |")
+    lines += _first_steps(root, runs)
     text = "\n".join(lines) + "\n"
     (root / "results.md").write_text(text)
     (root / "results.json").write_text(json.dumps({"base": base, "runs": runs}, indent=1, default=str))
     _plot(root, base, runs, sets)
     return text
+
+
+def _first_steps(root: Path, runs: dict[str, dict[int, Any]], n: int = 8) -> list[str]:
+    """Where v1 and v2 showed a shock at step 3: each finished run's first steps, as logged."""
+    lines = ["", f"First {n} steps of each run (loss, grad norm, share of completions cut at the limit, log-prob gap):"]
+    lines += ["", "| run | " + " | ".join(str(i) for i in range(1, n + 1)) + " |", "|---|" + "---|" * n]
+    for m, rs in runs.items():
+        for seed in rs:
+            rows: dict[int, dict[str, Any]] = {}
+            for line in (root / f"{m}_seed{seed}" / "metrics.jsonl").read_text().splitlines():
+                row = json.loads(line)
+                if "loss" in row and row["step"] <= n:
+                    rows[row["step"]] = row  # a resumed run logs the steps it redid again: the last one counts
+            cells = [
+                f"{r['loss']:.3f} / {r['grad_norm']:.1f} / {r['clipped_ratio']:.2f} / {r['logprob_gap']:.3f}"
+                if (r := rows.get(i))
+                else "-"
+                for i in range(1, n + 1)
+            ]
+            lines.append(f"| {m} seed {seed} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _done(root: Path, method: str, seed: int) -> bool:
