@@ -66,7 +66,7 @@ class ActorGroup:
     args: tuple = ()
     per_actor_args: list[tuple] = field(default_factory=list)
     actors: list[Any] = field(default_factory=list)
-    restarts: int = 0
+    restarts: list[int] = field(default_factory=list)  # per actor: a limit on one flapping actor, not the group
 
     def start(self, n: int) -> ActorGroup:
         import ray
@@ -79,6 +79,7 @@ class ActorGroup:
             )
             for i in range(n)
         ]
+        self.restarts = [0] * n
         return self
 
     def restart(self, i: int) -> Any:
@@ -87,11 +88,8 @@ class ActorGroup:
         ray.kill(self.actors[i], no_restart=True)
         extra = self.per_actor_args[i] if self.per_actor_args else ()
         self.actors[i] = self._remote.options(**self.options).remote(*self.args, *extra)
-        self.restarts += 1
+        self.restarts[i] += 1
         return self.actors[i]
-
-    def dead(self) -> list[int]:
-        return [i for i, a in enumerate(self.actors) if is_dead(a)]
 
 
 def trainer_bundles(cfg: Config) -> list[dict[str, float]]:
@@ -142,25 +140,46 @@ def describe_nodes(nodes: dict[str, str]) -> str:
     return ", ".join(f"{addr} (id {nid[:12]})" for nid, addr in nodes.items())
 
 
-def is_dead(actor: Any) -> bool:
-    """Whether an actor no longer answers (died, or hangs past 30 s)."""
+def dead_actors(actors: list[Any], timeout: float = 30.0) -> list[int]:
+    """Indices of the actors that are dead, all probed at once.
+
+    Dead means Ray says so: a probe answered with ``ActorDiedError``, or, for a probe still unanswered at the
+    deadline, the actor's state in Ray's actor table. A busy actor is alive however long its running method
+    takes (its probe waits in line behind it, and the table says ALIVE), and so is a hung one: the call it hangs
+    in meets its own timeout. A probe that fails because the connection dropped (``ActorUnavailableError``: Ray
+    has no verdict yet; a lost node is declared dead only after its health checks) is sent again.
+    """
     import time
 
     import ray
 
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            ray.get(actor.pid.remote(), timeout=max(0.1, deadline - time.monotonic()))
-            return False
-        except ray.exceptions.ActorUnavailableError:
-            # the connection dropped and Ray has no verdict yet (a lost node is declared dead only after its
-            # health checks): ask again until it says died or the actor answers
-            if time.monotonic() >= deadline:
-                return True
-            time.sleep(0.2)
-        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-            return True
+    deadline = time.monotonic() + timeout
+    pending = {i: a.pid.remote() for i, a in enumerate(actors)}
+    dead: set[int] = set()
+    while pending and time.monotonic() < deadline:
+        ready, _ = ray.wait(list(pending.values()), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+        for ref in ready:
+            i = next(k for k, v in pending.items() if v == ref)
+            del pending[i]
+            try:
+                ray.get(ref)
+            except ray.exceptions.ActorUnavailableError:
+                time.sleep(0.2)
+                pending[i] = actors[i].pid.remote()
+            except ray.exceptions.RayActorError:
+                dead.add(i)
+    dead.update(i for i in pending if actor_state(actors[i]) == "DEAD")
+    return sorted(dead)
+
+
+def actor_state(actor: Any) -> str:
+    """Ray's own record of an actor (ALIVE, RESTARTING, DEAD, ...), read from its actor table without calling
+    the actor. The one use of a private Ray module: the public state API needs the dashboard, which local runs
+    do not start."""
+    from ray._private import state
+
+    info = state.actors(actor._actor_id.hex())
+    return str(info.get("State", "UNKNOWN")) if info else "UNKNOWN"
 
 
 def get(refs: Any, what: str, timeout: float, error: type[ActorFailure] = ActorFailure, setting: str = "") -> Any:

@@ -24,10 +24,10 @@ from sdft_ray.cluster import (
     actor_runtime_env,
     alive_nodes,
     check_resources,
+    dead_actors,
     describe_nodes,
     get,
     init_ray,
-    is_dead,
     trainer_bundles,
 )
 from sdft_ray.config import Config
@@ -236,10 +236,16 @@ class SDFTDriver:
         import ray
 
         # who died first, then which nodes are gone: Ray fails a call to an actor whose node vanished as soon as
-        # the connection drops, but names the node dead only after its health checks; asking the actors waits
-        # for Ray's verdict on them, and by then a lost node is marked
-        dead_trainers = [i for i, a in enumerate(self.trainers) if is_dead(a)]
-        dead = [(g, name, g.dead()) for g, name in ((self.rollouts, "rollout"), (self.teachers, "teacher")) if g]
+        # the connection drops, but names the node dead only after its health checks; the probe waits for Ray's
+        # verdict on the actor, and by then a lost node is marked
+        groups = [(g, name) for g, name in ((self.rollouts, "rollout"), (self.teachers, "teacher")) if g]
+        everyone = [*self.trainers, *(a for g, _ in groups for a in g.actors)]
+        found = set(dead_actors(everyone))
+        dead_trainers = [i for i in range(len(self.trainers)) if i in found]
+        dead, offset = [], len(self.trainers)
+        for g, name in groups:
+            dead.append((g, name, [i for i in range(len(g.actors)) if offset + i in found]))
+            offset += len(g.actors)
         now = alive_nodes()
         lost = {nid: addr for nid, addr in self.nodes.items() if nid not in now}
         where = f" with node {describe_nodes(lost)} lost" if lost else ""
@@ -259,9 +265,9 @@ class SDFTDriver:
         restarted = []
         for group, name, ids in dead:
             for i in ids:
-                if group.restarts >= self.cfg.pipeline.max_actor_restarts:
+                if group.restarts[i] >= self.cfg.pipeline.max_actor_restarts:
                     raise ActorFailure(
-                        f"{name} actor {i} died again after {group.restarts} restarts "
+                        f"{name} actor {i} died again after {group.restarts[i]} restarts "
                         f"(pipeline.max_actor_restarts){where}; giving up"
                     ) from err
                 group.restart(i)
@@ -436,7 +442,7 @@ class SDFTDriver:
             "steps": self.step,
             "wall_s": wall,
             "last": last,
-            "restarts": sum(g.restarts for g in (self.rollouts, self.teachers) if g is not None),
+            "restarts": sum(sum(g.restarts) for g in (self.rollouts, self.teachers) if g is not None),
             "skipped_records": self.report.skipped,
             "weights_verified": self.weights.verified,
         }

@@ -259,3 +259,32 @@ def test_secrets_are_redacted() -> None:
     assert out == {"teacher": {"external_url": "http://x", "api_key": "***"}, "hf_token": "***", "lr": 1}
     # non-string keys (per-example eval results keyed by record index) pass through
     assert redact({"eval": {"per_example": {0: 1.0, 7: 0.5}}}) == {"eval": {"per_example": {0: 1.0, 7: 0.5}}}
+
+
+@ray.remote(num_cpus=0)
+class _Worker:
+    """A stand-in for an engine: the probe is the same ``pid`` call the real actors answer."""
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def busy(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+
+def test_busy_actors_are_alive_dead_ones_are_found_all_at_once(ray_cluster) -> None:
+    """Liveness is Ray's verdict, not an answer within the probe's time: an actor busy for longer than the probe
+    timeout is alive (before, its queued probe timed out and recovery killed it), and probes run in parallel."""
+    from sdft_ray.cluster import actor_state, dead_actors
+
+    busy, killed, idle = _Worker.remote(), _Worker.remote(), _Worker.remote()
+    ray.get([a.pid.remote() for a in (busy, killed, idle)])
+    running = busy.busy.remote(6.0)
+    ray.kill(killed, no_restart=True)
+    t0 = time.monotonic()
+    assert dead_actors([busy, killed, idle], timeout=2.0) == [1]
+    assert time.monotonic() - t0 < 4.0  # one deadline for all, not one per actor
+    assert actor_state(busy) == "ALIVE" and actor_state(killed) == "DEAD"
+    ray.get(running)  # the busy actor was left to finish its work
+    ray.kill(busy)
+    ray.kill(idle)
