@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sdft_ray.config import Config, resolve_rollout_backend, validate
+from sdft_ray.config import Config, resolve_rollout_backend
 
 
 @dataclass
@@ -73,7 +73,7 @@ class SDFTTrainer:
 
         self.cfg.data.train = self._dataset_file()
         self.cfg.rollout.backend = resolve_rollout_backend(self.cfg)
-        validate(self.cfg)  # what load_config checks, again: the fields set here are part of it
+        self.cfg.check()  # what load_config checks, again: the fields set here are part of it
         summary = train(self.cfg)
         last = ckpt.complete_checkpoints(self.cfg.train.output_dir)[-1]
         self.result = TrainResult(summary, str(last / "student"))

@@ -7,22 +7,19 @@ nearest valid key, so a typo never silently falls back to a default.
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import math
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
-from sdft_ray.errors import first_line
+from sdft_ray.config_parse import apply, non_finite, raw_settings
+from sdft_ray.errors import ConfigError
 
 Scorer = Literal["exact", "answer_tag", "tool_use", "contains", "humaneval", "bfcl"]  # sdft_ray.evaluate.SCORERS
 
 
-class ConfigError(ValueError):
-    """A config value or key is wrong; the message names the key."""
+def need(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
 
 
 @dataclass
@@ -31,6 +28,13 @@ class LoraSettings:
     alpha: float = 16.0  # scale = alpha / rank
     dropout: float = 0.0
     target_modules: list[str] = field(default_factory=list)  # [] = every linear layer but the LM head
+
+    def check(self) -> None:
+        if self.rank:
+            need(
+                self.rank > 0 and self.alpha > 0 and 0 <= self.dropout < 1,
+                "model.lora: rank and alpha must be > 0, dropout in [0, 1)",
+            )
 
 
 @dataclass
@@ -43,6 +47,10 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     attn_implementation: str = ""  # "" = transformers' default (sdpa)
     lora: LoraSettings = field(default_factory=LoraSettings)
+
+    def check(self) -> None:
+        need(bool(self.path), "model.path is required (a HF hub name or a local save_pretrained folder)")
+        self.lora.check()
 
 
 @dataclass
@@ -82,6 +90,15 @@ class RolloutConfig:
     num_gpus: float = 0.0
     torch_threads: int = 1
 
+    def check(self) -> None:
+        need(self.temperature > 0, "rollout.temperature must be > 0 (use eval.greedy for greedy decoding)")
+        need(0.0 < self.top_p <= 1.0, "rollout.top_p must be in (0, 1]")
+        need(
+            self.max_new_tokens > 0 and self.num_engines >= 1 and self.num_rollouts >= 1,
+            "rollout sizes must be >= 1",
+        )
+        need(self.kv_cache_memory_gb >= 0, "rollout.kv_cache_memory_gb must be >= 0 (0 = automatic)")
+
 
 @dataclass
 class TeacherConfig:
@@ -105,11 +122,29 @@ class TeacherConfig:
     num_gpus: float = 0.0
     torch_threads: int = 1  # separate teacher actors only (a colocated teacher uses the trainer's threads)
 
+    def check(self) -> None:
+        need(0.0 < self.ema_rate <= 1.0, "teacher.ema_rate must be in (0, 1]")
+        if self.model_path:
+            need(
+                self.kind in ("ema", "frozen"),
+                "teacher.model_path needs teacher.kind=frozen or ema (not the live student "
+                "or an external server, which are teachers of their own)",
+            )
+        if self.kind == "external":
+            need(bool(self.external_url), "teacher.kind=external needs teacher.external_url")
+            need(self.external_concurrency >= 1, "teacher.external_concurrency must be >= 1")
+            need(
+                self.external_timeout_s > 0 and self.external_retries >= 0,
+                "teacher.external_timeout_s must be > 0, teacher.external_retries >= 0",
+            )
+            need(self.placement != "colocated", "teacher.kind=external cannot be colocated with the trainer")
+
 
 @dataclass
 class LossConfig:
     divergence: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
-    jsd_alpha: float = 0.5  # mixture weight; 0 = forward KL, 1 = reverse KL
+    # mixture weight, in (0, 1): the JSD formula itself vanishes at both ends; those are forward_kl / reverse_kl
+    jsd_alpha: float = 0.5
     estimator: Literal["full", "topk", "sampled"] = "full"
     top_k: int = 20
     topk_support: Literal["teacher", "student"] = "teacher"
@@ -119,6 +154,17 @@ class LossConfig:
     # full estimator: score this many tokens at a time from hidden states, recomputing each chunk's logits in
     # backward, so [B, T, vocab] logits never exist (~0.6 GB per sequence per tensor at 7B, T=1024); 0 = off
     chunk_tokens: int = 256
+
+    def check(self) -> None:
+        need(0.0 < self.jsd_alpha < 1.0, "loss.jsd_alpha must be in (0, 1); use forward_kl/reverse_kl for 0/1")
+        need(self.skip_first_tokens >= 0, "loss.skip_first_tokens must be >= 0")
+        need(self.importance_clip >= 0, "loss.importance_clip must be >= 0 (0 disables the correction)")
+        need(self.top_k > 0, "loss.top_k must be > 0")
+        need(self.chunk_tokens >= 0, "loss.chunk_tokens must be >= 0 (0 = materialize the logits)")
+        if self.estimator == "sampled":
+            need(
+                self.divergence == "reverse_kl", "loss.estimator=sampled is only defined for loss.divergence=reverse_kl"
+            )
 
 
 @dataclass
@@ -153,6 +199,19 @@ class TrainConfig:
     allow_config_change: bool = False
     max_bad_steps: int = 3  # abort after this many consecutive non-finite steps
 
+    def check(self) -> None:
+        need(
+            self.batch_size > 0 and self.micro_batch_size > 0, "train.batch_size and train.micro_batch_size must be > 0"
+        )
+        need(self.lr > 0, "train.lr must be > 0")
+        need(0.0 <= self.warmup_ratio < 1.0, "train.warmup_ratio must be in [0, 1)")
+        need(self.zero_stage in (0, 1, 2, 3), "train.zero_stage must be 0, 1, 2 or 3")
+        need(self.steps >= 0 and self.epochs >= 1, "train.steps must be >= 0 and train.epochs >= 1")
+        need(
+            self.resume in ("", "auto") or Path(self.resume).is_dir(),
+            f"train.resume: no checkpoint folder {self.resume!r}",
+        )
+
 
 @dataclass
 class PipelineConfig:
@@ -175,6 +234,12 @@ class PipelineConfig:
     max_logprob_gap: float = 0.15
     max_actor_restarts: int = 2
 
+    def check(self) -> None:
+        need(self.max_staleness >= 0, "pipeline.max_staleness must be >= 0")
+        need(self.max_logprob_gap >= 0, "pipeline.max_logprob_gap must be >= 0 (0 = only log the gap)")
+        need(self.sync_inflight_buckets >= 0, "pipeline.sync_inflight_buckets must be >= 0 (0 = no bound)")
+        need(self.sync_bucket_mb > 0 and self.sync_timeout_s > 0, "pipeline.sync_bucket_mb/sync_timeout_s must be > 0")
+
 
 @dataclass
 class LoggingConfig:
@@ -184,6 +249,9 @@ class LoggingConfig:
     log_every: int = 1
     progress_bar: bool = True
     log_completions: int = 0  # per step, this many of trainer 0's completions go to completions.jsonl (SDFT)
+
+    def check(self) -> None:
+        need(self.log_completions >= 0, "logging.log_completions must be >= 0")
 
 
 @dataclass
@@ -208,6 +276,17 @@ class EvalConfig:
     every: int = 0  # 0 = off
     on_start: bool = False
 
+    def check(self) -> None:
+        need(self.every >= 0, "eval.every must be >= 0 (0 = no evaluation during training)")
+        need(
+            not (self.every or self.on_start) or bool(self.sets),
+            "eval.every / eval.on_start: list the sets to score in eval.sets ({name, data, scorer})",
+        )
+        names = [es.name for es in self.sets]
+        for i, es in enumerate(self.sets):
+            need(bool(es.name) and bool(es.data), f"eval.sets[{i}] needs a name and a data file")
+            need(names.count(es.name) == 1, f"eval.sets[{i}]: the name {es.name!r} is used twice")
+
 
 @dataclass
 class StageConfig:
@@ -222,6 +301,10 @@ class StageConfig:
 class ContinualConfig:
     stages: list[StageConfig] = field(default_factory=list)  # trained in order, each from the previous weights
     output_dir: str = ""  # default: <train.output_dir>/continual
+
+    def check(self) -> None:
+        for i, st in enumerate(self.stages):
+            need(bool(st.name) and bool(st.eval), f"continual.stages[{i}] needs a name and an eval set")
 
 
 @dataclass
@@ -270,6 +353,84 @@ class Config:
     def runs_teacher_actors(self) -> bool:
         return self.train.algo == "sdft" and not self.teacher_colocated
 
+    def check(self) -> None:
+        """Reject settings that would fail later, with the key that is wrong: each section's own rules, then
+        those that join sections."""
+        bad = non_finite(self)
+        if bad:
+            raise ConfigError(f"{bad}: must be a finite number")
+        self.model.check()
+        need(
+            bool(self.data.train) or bool(self.continual.stages),
+            "data.train is required (json/jsonl/parquet file, save_to_disk folder or hub name)",
+        )
+        for section in (self.train, self.logging, self.teacher, self.loss, self.rollout, self.pipeline):
+            section.check()
+        self.eval.check()
+        self.continual.check()
+        t, lo, r, te = self.train, self.loss, self.rollout, self.teacher
+        per_rank = t.batch_size * (r.num_rollouts if t.algo == "sdft" else 1)
+        need(
+            per_rank % (t.micro_batch_size * t.num_trainers) == 0,
+            f"train.batch_size ({t.batch_size}) x rollout.num_rollouts ({r.num_rollouts}) must be divisible by "
+            f"train.micro_batch_size ({t.micro_batch_size}) x train.num_trainers ({t.num_trainers})",
+        )
+        if self.model.lora.rank:
+            need(
+                t.zero_stage < 3,
+                "model.lora needs train.zero_stage 0-2: ZeRO-3 would partition a base that never "
+                "trains, and the adapter is too small to need it",
+            )
+            need(
+                not te.model_path,
+                "model.lora with teacher.model_path: the LoRA teacher is the student's own base "
+                "plus an adapter; a teacher model of its own needs full fine-tuning",
+            )
+        if te.kind == "external":
+            need(lo.estimator == "topk", "teacher.kind=external only returns top-k logprobs: use loss.estimator=topk")
+        if self.teacher_colocated is False and lo.estimator == "topk":
+            need(lo.topk_support == "teacher", "loss.topk_support=student needs the teacher colocated with the trainer")
+        if lo.estimator == "full" and te.placement == "separate":
+            raise ConfigError(
+                "loss.estimator=full with teacher.placement=separate would ship seq x vocab tensors between actors; "
+                "use teacher.placement=colocated (or auto) or loss.estimator=topk"
+            )
+        self._check_transport()
+        need(
+            t.algo != "sdft" or r.temperature == 1.0,
+            f"rollout.temperature={r.temperature}: SDFT scores rollouts at temperature 1 (student, teacher and "
+            "importance weight); official and TRL divide all logits by T instead, which sdft-ray does not "
+            "implement yet",
+        )
+
+    def _check_transport(self) -> None:
+        t, r, kind = self.train, self.rollout, self.weight_transport
+        if kind in ("nccl", "ipc"):
+            need(r.backend == "vllm", f"pipeline.weight_transport={kind} needs rollout.backend=vllm")
+            need(
+                r.num_gpus > 0 and t.num_gpus > 0,
+                f"pipeline.weight_transport={kind} moves CUDA tensors: set rollout.num_gpus and "
+                "train.num_gpus, or use object_store on CPU",
+            )
+        if kind == "ipc":
+            # only trainer rank 0's CUDA memory handles are shipped, and they open only on that GPU
+            need(
+                r.num_engines == 1 and r.tensor_parallel_size == 1,
+                "pipeline.weight_transport=ipc shares trainer 0's GPU with one engine: rollout.num_engines and "
+                "rollout.tensor_parallel_size must be 1 (more engines: whole GPUs and nccl)",
+            )
+            need(
+                r.num_gpus + t.num_gpus <= 1,
+                f"pipeline.weight_transport=ipc puts the engine on trainer 0's GPU: rollout.num_gpus "
+                f"({r.num_gpus:g}) + train.num_gpus ({t.num_gpus:g}) must be <= 1",
+            )
+        if kind == "nccl":
+            need(
+                r.num_gpus >= 1 and t.num_gpus >= 1,
+                "pipeline.weight_transport=nccl needs whole GPUs per trainer and engine (NCCL cannot put two ranks "
+                "on one GPU); a shared GPU uses ipc",
+            )
+
 
 def resolve_rollout_backend(cfg: Config) -> str:
     """``auto`` means vLLM where it is installed (the fast engine), HF ``generate`` otherwise."""
@@ -280,281 +441,18 @@ def resolve_rollout_backend(cfg: Config) -> str:
     return "vllm" if importlib.util.find_spec("vllm") is not None else "hf"
 
 
-def _convert(value: Any, typ: Any, key: str) -> Any:
-    origin = typing.get_origin(typ)
-    if origin is Literal:  # the allowed values are the type: one source for the check, the docs and the help
-        allowed = typing.get_args(typ)
-        text = "" if value is None else str(value)
-        if isinstance(value, (dict, list)) or text not in allowed:
-            shown = ", ".join(repr(a) if a == "" else a for a in allowed)
-            raise ConfigError(f"{key}={value!r}; choose one of {shown}")
-        return text
-    if origin is list:
-        (item_type,) = typing.get_args(typ)
-        if isinstance(value, str):
-            value = yaml.safe_load(value)
-        if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        if dataclasses.is_dataclass(item_type):
-            out = []
-            for i, v in enumerate(value):
-                if not isinstance(v, dict):
-                    raise ConfigError(f"{key}[{i}]: expected a mapping of {item_type.__name__} fields")
-                node = item_type()
-                _apply(node, v, f"{key}[{i}].")
-                out.append(node)
-            return out
-        return [_convert(v, item_type, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is tuple:
-        if isinstance(value, str):
-            value = yaml.safe_load(value)
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        return tuple(_convert(v, t, key) for v, t in zip(value, typing.get_args(typ), strict=True))
-    if typ is bool:
-        if isinstance(value, str):
-            low = value.lower()
-            if low in ("1", "true", "yes", "on"):
-                return True
-            if low in ("0", "false", "no", "off"):
-                return False
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}: expected true/false, got {value!r}")
-    if typ in (int, float):
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        try:
-            out = typ(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{key}: expected {typ.__name__}, got {value!r}") from None
-        if typ is int and isinstance(value, float) and value != out:
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        return out
-    if typ is str:
-        if value is None:
-            return ""
-        if isinstance(value, (dict, list)):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
-        return str(value)
-    raise ConfigError(f"{key}: unsupported type {typ}")
-
-
-def _apply(node: Any, updates: dict[str, Any], prefix: str) -> None:
-    hints = typing.get_type_hints(type(node))
-    names = [f.name for f in dataclasses.fields(node)]
-    for key, value in updates.items():
-        full = f"{prefix}{key}"
-        if key not in names:
-            near = difflib.get_close_matches(key, names, n=1, cutoff=0.5)
-            hint = f"; did you mean '{prefix}{near[0]}'?" if near else f"; valid keys: {', '.join(names)}"
-            raise ConfigError(f"unknown config key '{full}'{hint}")
-        current = getattr(node, key)
-        if dataclasses.is_dataclass(current):
-            if not isinstance(value, dict):
-                raise ConfigError(f"{full}: is a section; set its fields, e.g. {full}.{names[0]}=...")
-            _apply(current, value, f"{full}.")
-        else:
-            setattr(node, key, _convert(value, hints[key], full))
-
-
-def _nest(dotted: str, value: Any) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    cur = out
-    parts = dotted.split(".")
-    for p in parts[:-1]:
-        cur = cur.setdefault(p, {})
-    cur[parts[-1]] = value
-    return out
-
-
-def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-    for k, v in b.items():
-        if isinstance(v, dict) and isinstance(a.get(k), dict):
-            _merge(a[k], v)
-        else:
-            a[k] = v
-    return a
-
-
-def _read_yaml(p: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """A config file's sections; ``extends: other.yaml`` (relative to this file) is read first, then overridden."""
-    if not p.is_file():
-        raise ConfigError(f"config file not found: {p}")
-    if p.resolve() in seen:
-        raise ConfigError(f"{p}: 'extends' loops back to itself")
-    try:
-        loaded = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: not valid YAML ({first_line(e)})") from None
-    if not isinstance(loaded, dict):
-        raise ConfigError(f"{p}: top level must be a mapping of sections")
-    parent = loaded.pop("extends", None)
-    if parent is None:
-        return loaded
-    if not isinstance(parent, str):
-        raise ConfigError(f"{p}: 'extends' must be a file name")
-    return _merge(_read_yaml(p.parent / parent, (*seen, p.resolve())), loaded)
-
-
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Build a validated Config from an optional YAML file and ``key.sub=value`` overrides (applied last)."""
-    raw = _read_yaml(Path(path)) if path else {}
-    for item in overrides or []:
-        if "=" not in item:
-            raise ConfigError(f"override '{item}' must look like section.key=value")
-        key, _, text = item.partition("=")
-        # Overrides are typed by the dataclass, so the YAML parse only matters for lists.
-        raw = _merge(raw, _nest(key.strip(), text))
     cfg = Config()
-    _apply(cfg, raw, "")
+    apply(cfg, raw_settings(path, overrides or []), "")
     # decided once, where the job is launched: every actor then runs the same backend
     cfg.rollout.backend = resolve_rollout_backend(cfg)
-    validate(cfg)
+    cfg.check()
     return cfg
-
-
-def _non_finite(node: Any, prefix: str = "") -> str | None:
-    """The first float setting that is inf or nan (``train.lr=inf`` parses as a float, then breaks sampling)."""
-    for f in dataclasses.fields(node):
-        value = getattr(node, f.name)
-        if dataclasses.is_dataclass(value):
-            found = _non_finite(value, f"{prefix}{f.name}.")
-            if found:
-                return found
-        elif isinstance(value, float) and not math.isfinite(value):
-            return f"{prefix}{f.name}={value}"
-    return None
-
-
-def validate(cfg: Config) -> None:
-    """Reject configs that would fail later, with the key that is wrong."""
-    bad = _non_finite(cfg)
-    if bad:
-        raise ConfigError(f"{bad}: must be a finite number")
-
-    def need(cond: bool, msg: str) -> None:
-        if not cond:
-            raise ConfigError(msg)
-
-    t, lo, r, te, pl = cfg.train, cfg.loss, cfg.rollout, cfg.teacher, cfg.pipeline
-    need(bool(cfg.model.path), "model.path is required (a HF hub name or a local save_pretrained folder)")
-    need(
-        bool(cfg.data.train) or bool(cfg.continual.stages),
-        "data.train is required (json/jsonl/parquet file, save_to_disk folder or hub name)",
-    )
-    need(t.batch_size > 0 and t.micro_batch_size > 0, "train.batch_size and train.micro_batch_size must be > 0")
-    need(cfg.logging.log_completions >= 0, "logging.log_completions must be >= 0")
-    per_rank = t.batch_size * (r.num_rollouts if t.algo == "sdft" else 1)
-    need(
-        per_rank % (t.micro_batch_size * t.num_trainers) == 0,
-        f"train.batch_size ({t.batch_size}) x rollout.num_rollouts ({r.num_rollouts}) must be divisible by "
-        f"train.micro_batch_size ({t.micro_batch_size}) x train.num_trainers ({t.num_trainers})",
-    )
-    need(t.lr > 0, "train.lr must be > 0")
-    need(0.0 <= t.warmup_ratio < 1.0, "train.warmup_ratio must be in [0, 1)")
-    need(t.zero_stage in (0, 1, 2, 3), "train.zero_stage must be 0, 1, 2 or 3")
-    need(t.steps >= 0 and t.epochs >= 1, "train.steps must be >= 0 and train.epochs >= 1")
-    need(0.0 < te.ema_rate <= 1.0, "teacher.ema_rate must be in (0, 1]")
-    need(0.0 < lo.jsd_alpha < 1.0, "loss.jsd_alpha must be in (0, 1); use forward_kl/reverse_kl for 0/1")
-    need(lo.skip_first_tokens >= 0, "loss.skip_first_tokens must be >= 0")
-    need(lo.importance_clip >= 0, "loss.importance_clip must be >= 0 (0 disables the correction)")
-    need(lo.top_k > 0, "loss.top_k must be > 0")
-    need(lo.chunk_tokens >= 0, "loss.chunk_tokens must be >= 0 (0 = materialize the logits)")
-    if lo.estimator == "sampled":
-        need(lo.divergence == "reverse_kl", "loss.estimator=sampled is only defined for loss.divergence=reverse_kl")
-    lora = cfg.model.lora
-    if lora.rank:
-        need(
-            lora.rank > 0 and lora.alpha > 0 and 0 <= lora.dropout < 1,
-            "model.lora: rank and alpha must be > 0, dropout in [0, 1)",
-        )
-        need(
-            t.zero_stage < 3,
-            "model.lora needs train.zero_stage 0-2: ZeRO-3 would partition a base that never "
-            "trains, and the adapter is too small to need it",
-        )
-        need(
-            not te.model_path,
-            "model.lora with teacher.model_path: the LoRA teacher is the student's own base "
-            "plus an adapter; a teacher model of its own needs full fine-tuning",
-        )
-    if te.model_path:
-        need(
-            te.kind in ("ema", "frozen"),
-            "teacher.model_path needs teacher.kind=frozen or ema (not the live student "
-            "or an external server, which are teachers of their own)",
-        )
-    if te.kind == "external":
-        need(bool(te.external_url), "teacher.kind=external needs teacher.external_url")
-        need(lo.estimator == "topk", "teacher.kind=external only returns top-k logprobs: use loss.estimator=topk")
-        need(te.external_concurrency >= 1, "teacher.external_concurrency must be >= 1")
-        need(
-            te.external_timeout_s > 0 and te.external_retries >= 0,
-            "teacher.external_timeout_s must be > 0, teacher.external_retries >= 0",
-        )
-        need(cfg.teacher.placement != "colocated", "teacher.kind=external cannot be colocated with the trainer")
-    if cfg.teacher_colocated is False and lo.estimator == "topk":
-        need(lo.topk_support == "teacher", "loss.topk_support=student needs the teacher colocated with the trainer")
-    if lo.estimator == "full" and cfg.teacher.placement == "separate":
-        raise ConfigError(
-            "loss.estimator=full with teacher.placement=separate would ship seq x vocab tensors between actors; "
-            "use teacher.placement=colocated (or auto) or loss.estimator=topk"
-        )
-    if cfg.weight_transport in ("nccl", "ipc"):
-        need(r.backend == "vllm", f"pipeline.weight_transport={cfg.weight_transport} needs rollout.backend=vllm")
-        need(
-            r.num_gpus > 0 and t.num_gpus > 0,
-            f"pipeline.weight_transport={cfg.weight_transport} moves CUDA tensors: set rollout.num_gpus and "
-            "train.num_gpus, or use object_store on CPU",
-        )
-    if cfg.weight_transport == "ipc":
-        # only trainer rank 0's CUDA memory handles are shipped, and they open only on that GPU
-        need(
-            r.num_engines == 1 and r.tensor_parallel_size == 1,
-            "pipeline.weight_transport=ipc shares trainer 0's GPU with one engine: rollout.num_engines and "
-            "rollout.tensor_parallel_size must be 1 (more engines: whole GPUs and nccl)",
-        )
-        need(
-            r.num_gpus + t.num_gpus <= 1,
-            f"pipeline.weight_transport=ipc puts the engine on trainer 0's GPU: rollout.num_gpus ({r.num_gpus:g}) + "
-            f"train.num_gpus ({t.num_gpus:g}) must be <= 1",
-        )
-    if cfg.weight_transport == "nccl":
-        need(
-            r.num_gpus >= 1 and t.num_gpus >= 1,
-            "pipeline.weight_transport=nccl needs whole GPUs per trainer and engine (NCCL cannot put two ranks on "
-            "one GPU); a shared GPU uses ipc",
-        )
-    need(r.temperature > 0, "rollout.temperature must be > 0 (use eval.greedy for greedy decoding)")
-    need(
-        t.algo != "sdft" or r.temperature == 1.0,
-        f"rollout.temperature={r.temperature}: SDFT scores rollouts at temperature 1 (student, teacher and importance "
-        "weight); official and TRL divide all logits by T instead, which sdft-ray does not implement yet",
-    )
-    need(0.0 < r.top_p <= 1.0, "rollout.top_p must be in (0, 1]")
-    need(r.max_new_tokens > 0 and r.num_engines >= 1 and r.num_rollouts >= 1, "rollout sizes must be >= 1")
-    need(pl.max_staleness >= 0, "pipeline.max_staleness must be >= 0")
-    need(pl.max_logprob_gap >= 0, "pipeline.max_logprob_gap must be >= 0 (0 = only log the gap)")
-    need(r.kv_cache_memory_gb >= 0, "rollout.kv_cache_memory_gb must be >= 0 (0 = automatic)")
-    need(pl.sync_inflight_buckets >= 0, "pipeline.sync_inflight_buckets must be >= 0 (0 = no bound)")
-    need(pl.sync_bucket_mb > 0 and pl.sync_timeout_s > 0, "pipeline.sync_bucket_mb/sync_timeout_s must be > 0")
-    need(cfg.eval.every >= 0, "eval.every must be >= 0 (0 = no evaluation during training)")
-    need(
-        not (cfg.eval.every or cfg.eval.on_start) or bool(cfg.eval.sets),
-        "eval.every / eval.on_start: list the sets to score in eval.sets ({name, data, scorer})",
-    )
-    names = [es.name for es in cfg.eval.sets]
-    for i, es in enumerate(cfg.eval.sets):
-        need(bool(es.name) and bool(es.data), f"eval.sets[{i}] needs a name and a data file")
-        need(names.count(es.name) == 1, f"eval.sets[{i}]: the name {es.name!r} is used twice")
-    for i, st in enumerate(cfg.continual.stages):
-        need(bool(st.name) and bool(st.eval), f"continual.stages[{i}] needs a name and an eval set")
-    need(t.resume in ("", "auto") or Path(t.resume).is_dir(), f"train.resume: no checkpoint folder {t.resume!r}")
 
 
 def config_from_dict(raw: dict[str, Any]) -> Config:
     """Rebuild a Config inside an actor (the driver ships plain dicts, not dataclasses)."""
     cfg = Config()
-    _apply(cfg, raw, "")
+    apply(cfg, raw, "")
     return cfg

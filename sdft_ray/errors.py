@@ -125,3 +125,7 @@ def _kill_descendants() -> None:
             os.kill(pid, signal.SIGKILL)
         except OSError:
             pass
+
+
+class ConfigError(ValueError):
+    """A config value or key is wrong; the message names the key."""
