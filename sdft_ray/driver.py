@@ -110,7 +110,7 @@ class SDFTDriver:
 
     def _memory_estimate(self) -> dict[str, float] | str:
         """`sdft-ray memory`'s totals for this config (per role on CPU), from the model's config.json."""
-        from sdft_ray import memory_budget as mb
+        from sdft_ray.tools import memory_budget as mb
 
         try:
             shape = mb.ModelShape.from_hf_config(mb.model_config(self.cfg.model.path)[0], self.cfg.model.lora)

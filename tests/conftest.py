@@ -42,7 +42,7 @@ BACKENDS = ["hf", pytest.param("vllm", marks=requires_vllm)]
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """A random-init tiny Llama + char tokenizer + task datasets, saved and loaded like a user's model."""
-    from sdft_ray.testbed import make_tiny
+    from sdft_ray.tools.testbed import make_tiny
 
     return make_tiny(tmp_path_factory.mktemp("tiny"), n_train=64, n_eval=16)
 

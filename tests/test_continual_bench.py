@@ -11,7 +11,7 @@ import yaml
 from conftest import BACKENDS, requires_vllm, tiny_overrides
 
 from sdft_ray.cli import main
-from sdft_ray.continual import forgetting
+from sdft_ray.tools.continual import forgetting
 
 
 def test_forgetting_definition() -> None:
@@ -59,7 +59,7 @@ def test_continual_cli_writes_matrix_plot_and_summary(tiny, ray_cluster, tmp_pat
 
 
 def test_compare_methods_runs_each_method_and_seed(tiny, ray_cluster, tmp_path: Path) -> None:
-    from sdft_ray.continual import compare_methods
+    from sdft_ray.tools.continual import compare_methods
 
     data = Path(tiny["train"]).parent
     stages = [
@@ -84,7 +84,7 @@ def test_compare_methods_runs_each_method_and_seed(tiny, ray_cluster, tmp_path: 
         for a, t in stamps.items()
     )
     # ...but a run made with other settings is never passed off as this one
-    from sdft_ray.continual import finished_run
+    from sdft_ray.tools.continual import finished_run
 
     assert finished_run(tmp_path / "cmp" / "sdft_seed3", None, [*over, "train.lr=1e-3"]) is None
 

@@ -9,7 +9,7 @@ import pytest
 import yaml
 from conftest import tiny_overrides
 
-from sdft_ray import experiment_v3
+from sdft_ray.tools import experiment_v3
 
 
 def _config(tiny: dict[str, str], tmp_path: Path) -> Path:

@@ -313,7 +313,7 @@ def _cli_overrides(tiny: dict[str, str], out: Path, url: str) -> list[str]:
 @requires_vllm
 def test_generate_demos_from_the_server(tiny, vllm_server, tmp_path: Path) -> None:
     """`generate-demos --server`: the demonstrations come from the served model, concurrently, and append."""
-    from sdft_ray.demos import generate_demos
+    from sdft_ray.tools.demos import generate_demos
 
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"ab{i}c"}) + "\n" for i in range(5)))

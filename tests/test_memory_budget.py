@@ -11,7 +11,7 @@ import pytest
 from transformers import AutoConfig, Qwen2Config
 
 from sdft_ray.config import load_config
-from sdft_ray.memory_budget import ModelShape, budget, summary
+from sdft_ray.tools.memory_budget import ModelShape, budget, summary
 
 QWEN25_7B = Qwen2Config(
     hidden_size=3584,
@@ -95,7 +95,7 @@ def test_cpu_fp32_run_has_no_separate_master_and_no_gpu_lines(qwen: ModelShape) 
 
 
 def test_cpu_budget_counts_every_role(qwen: ModelShape) -> None:
-    from sdft_ray.memory_budget import roles
+    from sdft_ray.tools.memory_budget import roles
 
     cfg = load_config("configs/qwen0.5b.yaml", ["rollout.backend=vllm"])
     lines = budget(cfg, qwen)

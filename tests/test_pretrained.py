@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from conftest import requires_vllm
 
-from sdft_ray import pretrained
 from sdft_ray.cli import main
-from sdft_ray.pretrained import FetchError, fetch_smollm2
+from sdft_ray.tools import pretrained
+from sdft_ray.tools.pretrained import FetchError, fetch_smollm2
 
 
 @pytest.fixture(scope="session")
@@ -198,6 +198,6 @@ def test_bf16_loss_and_gradients_stay_close_to_fp32_on_smollm2(smollm2: dict, tm
     by the tolerance tests/test_precision.py states."""
     from test_precision import assert_bf16_close_to_fp32
 
-    from sdft_ray.tasks import make_tasks
+    from sdft_ray.tools.tasks import make_tasks
 
     assert_bf16_close_to_fp32(smollm2["path"], make_tasks(tmp_path, n_train=8, n_eval=4)["tool_use_train"])

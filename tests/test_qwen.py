@@ -15,9 +15,9 @@ import pytest
 from conftest import requires_vllm
 
 from sdft_ray.config import load_config
-from sdft_ray.memory_budget import machine_gb
-from sdft_ray.pretrained import cache_dir, fetch_model
-from sdft_ray.tasks import make_tasks
+from sdft_ray.tools.memory_budget import machine_gb
+from sdft_ray.tools.pretrained import cache_dir, fetch_model
+from sdft_ray.tools.tasks import make_tasks
 
 
 @pytest.mark.slow

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from sdft_ray.config import DataConfig
 from sdft_ray.data import load_examples
 from sdft_ray.evaluate import SCORERS, gold_logprob, score_contains
-from sdft_ray.tasks import make_tasks
+from sdft_ray.tools.tasks import make_tasks
 
 
 def _read(path: str) -> list[dict]:
@@ -31,7 +31,7 @@ def test_tasks_are_seeded_disjoint_and_self_consistent(tmp_path: Path) -> None:
         # and loads through the data layer like a user's file
         assert len(load_examples(DataConfig(train=a[f"{task}_eval"]))) == 64
     # the unseen-tool eval asks only for tools that no training prompt shows
-    from sdft_ray.tasks import TOOLS, UNSEEN_TOOLS
+    from sdft_ray.tools.tasks import TOOLS, UNSEEN_TOOLS
 
     unseen = _read(a["tool_use_unseen_eval"])
     assert len(unseen) >= 32 and not set(TOOLS) & set(UNSEEN_TOOLS)

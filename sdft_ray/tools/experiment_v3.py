@@ -2,7 +2,7 @@
 
 One command per model; everything it finished is read back from disk, so it is safe to kill and rerun:
 
-    python -m sdft_ray.experiment_v3 --config configs/v3_qwen0.5b.yaml --out runs/v3_qwen0.5b --seeds 0 1 2
+    python -m sdft_ray.tools.experiment_v3 --config configs/v3_qwen0.5b.yaml --out runs/v3_qwen0.5b --seeds 0 1 2
 
 - ``data/train.jsonl``: the training set, the same for every run (written once: a seed-0 shuffle of
   ``bfcl_train.jsonl``, the records whose teacher prompt fits ``data.max_prompt_length``, the first ``--n-train``);
@@ -147,8 +147,8 @@ def _keep_only_final_student(run_dir: Path) -> None:
 def drift_reference(cfg: Config, root: Path) -> Any:
     """A function: model folder -> mean NLL per token of the base model's own greedy answers to general
     prompts (``tasks.DRIFT_PROMPTS``); the answers are made once and kept in ``base/drift_answers.json``."""
-    from sdft_ray.experiment import _drift
-    from sdft_ray.tasks import DRIFT_PROMPTS
+    from sdft_ray.tools.experiment import _drift
+    from sdft_ray.tools.tasks import DRIFT_PROMPTS
 
     path = root / "base" / "drift_answers.json"
     if not path.is_file():

@@ -228,7 +228,7 @@ def run_experiment(
     """SDFT vs SFT on the testbed: same pretrained base, same stages, several seeds; writes results.md/json."""
     import time
 
-    from sdft_ray.continual import compare_methods
+    from sdft_ray.tools.continual import compare_methods
 
     t0 = time.perf_counter()
     root = Path(out)
