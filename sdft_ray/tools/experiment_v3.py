@@ -71,6 +71,70 @@ def score_base(cfg: Config, root: Path) -> dict[str, Any]:
         return eval_points.score_point(cfg, load_tokenizer(cfg.model), engines, out, 0)
 
 
+TEMPLATES = {
+    "official": DataConfig().teacher_template,
+    "plain": "{question}\n\nAn example of a correct response:\n{demonstration}\n",
+}
+GAP_PARTS = (  # (name, eval sets, new tokens, examples): the training distribution first, it decides
+    (
+        "bfcl",
+        [
+            "{root}/data/gap40.jsonl=bfcl",
+            "data/evals/bfcl_simple_python_eval.jsonl=bfcl",
+            "data/tasks/tool_use_eval.jsonl=tool_use",
+            "data/tasks/probes_eval.jsonl=contains",
+        ],
+        256,
+        40,
+    ),
+    ("humaneval", ["data/evals/humaneval.jsonl=humaneval"], 512, 20),
+)
+
+
+def teacher_gaps(config: str, overrides: list[str], root: Path, parts: tuple[str, ...]) -> str:
+    """The teacher-gap table for each candidate template (before any training run), read back where done.
+
+    ``gap40.jsonl`` is the first 40 records of the training set; every part is measured with 2 samples per
+    example at the rollout temperature besides greedy. Writes ``gap_<template>_<part>.json`` and ``gap.md``."""
+    from sdft_ray.evaluate import teacher_gap
+
+    lines = [
+        "| template | set | student greedy | teacher greedy | student T=1 | teacher T=1 | gold log-prob |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    train = (root / "data" / "train.jsonl").read_text().splitlines()
+    (root / "data" / "gap40.jsonl").write_text("".join(x + "\n" for x in train[:40]))
+    for part, sets, tokens, n in GAP_PARTS:
+        for name, template in TEMPLATES.items():
+            out = root / f"gap_{name}_{part}.json"
+            if not out.is_file() and part in parts:
+                over = [
+                    *overrides,
+                    f"eval.max_examples={n}",
+                    f"eval.max_new_tokens={tokens}",
+                    f"rollout.max_new_tokens={tokens}",
+                ]
+                cfg = load_config(config, over)
+                cfg.data.teacher_template = template  # set here: a template is not a one-line override
+                pairs = [tuple(x.format(root=root).split("=", 1)) for x in sets]
+                t0 = time.perf_counter()
+                res = teacher_gap(cfg, pairs, samples=2)
+                res.update(_seconds=round(time.perf_counter() - t0), _template=template)
+                out.write_text(json.dumps(res, indent=1))
+            if out.is_file():
+                for src, v in json.loads(out.read_text()).items():
+                    if isinstance(v, dict) and "scorer" in v:
+                        lines.append(
+                            f"| {name} | {Path(src).stem} ({v['examples']}) | {v['student_accuracy']:.2f} | "
+                            f"{v['teacher_accuracy']:.2f} | {v['student_sampled_accuracy']:.2f} | "
+                            f"{v['teacher_sampled_accuracy']:.2f} | {v['student_gold_logprob']:.3f} -> "
+                            f"{v['teacher_gold_logprob']:.3f} |"
+                        )
+    text = "\n".join(lines) + "\n"
+    (root / "gap.md").write_text(text)
+    return text
+
+
 def _key(config: str, overrides: list[str]) -> str:
     """What a finished run was made of: the config file's bytes (and those it extends) and the overrides."""
     h = hashlib.sha256()
@@ -276,6 +340,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--train-source", default="data/evals/bfcl_train.jsonl")
     ap.add_argument("--n-train", type=int, required=True, help="training records (one epoch)")
     ap.add_argument("--tables", action="store_true", help="only rebuild the tables from disk")
+    ap.add_argument(
+        "--gap", nargs="*", choices=[p[0] for p in GAP_PARTS], help="only the teacher-gap table (before any run)"
+    )
     ap.add_argument("overrides", nargs="*", help="key=value, for every run")
     a = ap.parse_args(argv)
     root = Path(a.out)
@@ -284,6 +351,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     cfg = load_config(a.config, a.overrides)
     train_file = prepare_data(cfg, a.train_source, root, a.n_train)
+    if a.gap is not None:
+        print(teacher_gaps(a.config, a.overrides, root, tuple(a.gap or [p[0] for p in GAP_PARTS])))
+        return
     from sdft_ray.cluster import init_ray
 
     init_ray()
