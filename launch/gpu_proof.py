@@ -57,9 +57,9 @@ def run_job(overrides: list[str], steps: int = 4) -> dict[str, Any]:
     try:
         d.start_actors = _with_sleep_probe(d, d.start_actors, memory)
         summary = d.run()
-        memory["trainer_peak"] = ray.get(d.trainers[0].peak_memory.remote())
-        if d.rollouts is not None:
-            memory["rollout_peak"] = ray.get(d.rollouts.actors[0].peak_memory.remote())
+        memory["trainer_peak"] = ray.get(d.actors.trainers[0].peak_memory.remote())
+        if d.actors.rollouts is not None:
+            memory["rollout_peak"] = ray.get(d.actors.rollouts.actors[0].peak_memory.remote())
     finally:
         d.shutdown()
     rows = [json.loads(x) for x in (Path(cfg.train.output_dir) / "metrics.jsonl").read_text().splitlines()]
@@ -72,9 +72,9 @@ def _with_sleep_probe(d: Any, start: Any, memory: dict[str, Any]) -> Any:
 
     def wrapped() -> None:
         start()
-        if d.rollouts is None:
+        if d.actors.rollouts is None:
             return
-        eng = d.rollouts.actors[0]
+        eng = d.actors.rollouts.actors[0]
         memory["free_mb_engine_asleep"] = ray.get(eng.device_memory.remote()).get("free_mb")
         ray.get(eng.wake.remote())
         memory["free_mb_engine_awake"] = ray.get(eng.device_memory.remote()).get("free_mb")

@@ -144,9 +144,9 @@ def run_sdft(overrides: list[str], steps: int) -> dict[str, Any]:
     d = SDFTDriver(cfg)
     try:
         summary = d.run()
-        peaks = {"trainer": ray.get(d.trainers[0].peak_memory.remote())}
-        if d.rollouts is not None:
-            peaks["rollout"] = ray.get(d.rollouts.actors[0].peak_memory.remote())
+        peaks = {"trainer": ray.get(d.actors.trainers[0].peak_memory.remote())}
+        if d.actors.rollouts is not None:
+            peaks["rollout"] = ray.get(d.actors.rollouts.actors[0].peak_memory.remote())
     finally:
         d.shutdown()
     rows = [json.loads(x) for x in (Path(cfg.train.output_dir) / "metrics.jsonl").read_text().splitlines()]

@@ -4,8 +4,8 @@ Per step (docs/algorithm.md), as ``run`` spells it: rollouts queued (the student
 the teacher scores y under the demonstration prompt, the divergence loss, an optimizer step, the EMA teacher ->
 weights published to the engines -> metrics, checkpoint. Rollouts for the next ``pipeline.max_staleness`` steps
 are launched before the current step trains, so generation overlaps training; each sample carries the weight
-version it was generated with. Only ObjectRefs pass through here. Where the parts live: actor start-up in
-``cluster.py``, the queue in ``rollout_queue.py``, weight transfer in ``weight_transport.py``, checkpoints in
+version it was generated with. Only ObjectRefs pass through here. Where the parts live: the actors in
+``run_actors.py``, the queue in ``rollout_queue.py``, weight transfer in ``weight_transport.py``, checkpoints in
 ``checkpoint.py``.
 """
 
@@ -20,8 +20,6 @@ from typing import Any
 from sdft_ray import checkpoint as ckpt
 from sdft_ray import eval_points
 from sdft_ray.cluster import (
-    ActorGroup,
-    actor_runtime_env,
     alive_nodes,
     check_resources,
     dead_actors,
@@ -36,10 +34,9 @@ from sdft_ray.ds_config import samples_per_step
 from sdft_ray.errors import ActorFailure, WeightSyncError, WeightSyncTimeout
 from sdft_ray.metrics import MetricsLogger
 from sdft_ray.modeling import check_teacher_model, load_tokenizer
-from sdft_ray.network import free_address
-from sdft_ray.precision import decide_for_actors
 from sdft_ray.records import StepResult
 from sdft_ray.rollout_queue import RolloutQueue
+from sdft_ray.run_actors import RunActors
 from sdft_ray.weight_transport import WeightPublisher
 
 log = logging.getLogger(__name__)
@@ -76,11 +73,8 @@ class SDFTDriver:
         self.resume_from = ckpt.prepare_output(t.output_dir, t.resume, t.overwrite, dry_run)  # before any actor
         if self.resume_from is not None:
             ckpt.check_resume_config(self.resume_from, cfg.to_dict(), t.allow_config_change)
-        # set before any actor starts, so shutdown() after a failed start reports the failure, not itself
-        self.rollouts: ActorGroup | None = None
-        self.teachers: ActorGroup | None = None
-        self.trainers: list[Any] = []
-        self.trainer_pg: Any = None
+        # made before any actor starts, so shutdown() after a failed start reports the failure, not itself
+        self.actors = RunActors(cfg, self.total_steps)
         self.nodes: dict[str, str] = {}  # the Ray nodes alive when the actors started: a loss is named by them
 
     def plan(self) -> dict[str, Any]:
@@ -122,96 +116,14 @@ class SDFTDriver:
 
     # ------------------------------------------------------------ actors
     def start_actors(self) -> None:
-        import ray
-        from ray.util.placement_group import placement_group
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-        from actors.rollout import RolloutWorker
-        from actors.teacher import TeacherWorker
-        from actors.trainer import StudentTrainer
-
-        cfg, raw = self.cfg, self.cfg.to_dict()
-        t, r, te = cfg.train, cfg.rollout, cfg.teacher
-        models_on_cpu = (
-            not t.num_gpus
-            or (cfg.runs_rollout_engines and not r.num_gpus)
-            or (cfg.runs_teacher_actors and not te.num_gpus)
-        )
-        env = actor_runtime_env(t.torch_threads, decide_for_actors(cfg.model.dtype == "auto" and models_on_cpu))
-        check_resources(cfg, ray.cluster_resources())
-        bundles = trainer_bundles(cfg)
-        self.trainer_pg = placement_group(bundles, strategy="PACK")
-        self._get(self.trainer_pg.ready(), f"placing {t.num_trainers} trainer(s) in {bundles}")
-
-        def in_bundle(i: int) -> dict[str, Any]:
-            return {
-                "num_cpus": t.num_cpus,
-                "num_gpus": t.num_gpus,
-                "runtime_env": env,
-                "scheduling_strategy": PlacementGroupSchedulingStrategy(
-                    self.trainer_pg, placement_group_bundle_index=i
-                ),
-            }
-
-        self.rollouts = None
-        if cfg.runs_rollout_engines:
-            opts = {"num_cpus": r.num_cpus, "num_gpus": r.num_gpus, "runtime_env": env}
-            if cfg.weight_transport == "ipc":  # on trainer 0's GPU (see trainer_bundles), restarts included
-                opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(self.trainer_pg, 0)
-            self.rollouts = ActorGroup(RolloutWorker, opts, (raw,), [(i,) for i in range(r.num_engines)])
-            self.rollouts.start(r.num_engines)
-            if cfg.weight_transport == "ipc":
-                # Sharing a GPU: vLLM sizes its memory from device-wide usage at start-up, so the trainer
-                # must not be allocating at the same time; the engines start, then sleep, then the trainer.
-                self._get([a.pid.remote() for a in self.rollouts.actors], "rollout startup")
-                self._get([a.sleep.remote() for a in self.rollouts.actors], "rollout startup")
-        addr, port = "127.0.0.1", 0  # one trainer binds a port of the kernel's choosing: nothing can take it first
-        if t.num_trainers > 1:
-            # chosen on trainer 0's node once the engines (which open ports by the hundred) are up
-            addr, port = ray.get(
-                ray.remote(num_cpus=0)(free_address).options(**{**in_bundle(0), "num_cpus": 0, "num_gpus": 0}).remote()
-            )
-        trainer_cls = ray.remote(StudentTrainer)
-        self.trainers = [
-            trainer_cls.options(**in_bundle(i)).remote(raw, self.total_steps, i, t.num_trainers, addr, port)
-            for i in range(t.num_trainers)
-        ]
-        self.teachers = None
-        if cfg.runs_teacher_actors:
-            opts = {"num_cpus": te.num_cpus, "num_gpus": te.num_gpus, "runtime_env": env}
-            self.teachers = ActorGroup(TeacherWorker, opts, (raw,)).start(te.num_actors)
-        # surface constructor errors (bad model path, DeepSpeed init) now, with the role named
-        self._get([a.pid.remote() for a in self.trainers], "trainer startup")
-        for group, name in ((self.rollouts, "rollout"), (self.teachers, "teacher")):
-            if group is not None:
-                self._get([a.pid.remote() for a in group.actors], f"{name} startup")
-        if self.rollouts is not None:
-            backend = self._get(self.rollouts.actors[0].backend_name.remote(), "rollout startup")
-            print(f"sdft-ray: rollout backend: {backend}", file=sys.stderr, flush=True)
-        # the groups' own lists: a restarted actor replaces its predecessor in place
-        self.weights = WeightPublisher(cfg, self.trainers, self.engines, self.teacher_actors)
+        self.actors.start()
+        a = self.actors  # the groups' own lists: a restarted actor replaces its predecessor in place
+        self.weights = WeightPublisher(self.cfg, a.trainers, a.engines, a.teacher_actors)
         self.weights.prepare()  # after every member is up: a collective group waits only minutes for stragglers
         self.nodes = alive_nodes()
 
-    @property
-    def engines(self) -> list[Any]:
-        return self.rollouts.actors if self.rollouts is not None else []
-
-    @property
-    def teacher_actors(self) -> list[Any]:
-        return self.teachers.actors if self.teachers is not None else []
-
     def shutdown(self) -> None:
-        import ray
-
-        for group in (self.rollouts, self.teachers):
-            for a in group.actors if group is not None else []:
-                ray.kill(a)
-        for a in self.trainers:
-            ray.kill(a)
-        if self.trainer_pg is not None:
-            ray.util.remove_placement_group(self.trainer_pg)
-            self.trainer_pg = None
+        self.actors.shutdown()
 
     def _get(self, refs: Any, what: str) -> Any:
         return get(refs, what, self.cfg.pipeline.call_timeout_s, setting="pipeline.call_timeout_s")
@@ -238,11 +150,11 @@ class SDFTDriver:
         # who died first, then which nodes are gone: Ray fails a call to an actor whose node vanished as soon as
         # the connection drops, but names the node dead only after its health checks; the probe waits for Ray's
         # verdict on the actor, and by then a lost node is marked
-        groups = [(g, name) for g, name in ((self.rollouts, "rollout"), (self.teachers, "teacher")) if g]
-        everyone = [*self.trainers, *(a for g, _ in groups for a in g.actors)]
+        groups = [(g, name) for g, name in ((self.actors.rollouts, "rollout"), (self.actors.teachers, "teacher")) if g]
+        everyone = [*self.actors.trainers, *(a for g, _ in groups for a in g.actors)]
         found = set(dead_actors(everyone))
-        dead_trainers = [i for i in range(len(self.trainers)) if i in found]
-        dead, offset = [], len(self.trainers)
+        dead_trainers = [i for i in range(len(self.actors.trainers)) if i in found]
+        dead, offset = [], len(self.actors.trainers)
         for g, name in groups:
             dead.append((g, name, [i for i in range(len(g.actors)) if offset + i in found]))
             offset += len(g.actors)
@@ -283,7 +195,7 @@ class SDFTDriver:
         self.weights.drop()
         self.publish_weights()
         self.wait_weights()
-        self.queue.relaunch(self.engines, self.teacher_actors)
+        self.queue.relaunch(self.actors.engines, self.actors.teacher_actors)
         self.nodes = now
 
     def check_engine_weights(self, results: list[StepResult]) -> None:
@@ -323,7 +235,7 @@ class SDFTDriver:
             "config": self.cfg.to_dict(),  # what a resume compares itself with
         }
         t = self.cfg.train
-        write = lambda tmp: self._get([tr.save.remote(str(tmp)) for tr in self.trainers], "checkpoint save")
+        write = lambda tmp: self._get([tr.save.remote(str(tmp)) for tr in self.actors.trainers], "checkpoint save")
         final = ckpt.save(t.output_dir, self.step, state, t.keep_checkpoints, write)
         self.logger.event("checkpoint", step=self.step, path=str(final))
 
@@ -332,7 +244,7 @@ class SDFTDriver:
         if path is None:
             return
         state = ckpt.read_driver_state(path)
-        versions = self._get([tr.load.remote(str(path)) for tr in self.trainers], "checkpoint load")
+        versions = self._get([tr.load.remote(str(path)) for tr in self.actors.trainers], "checkpoint load")
         self.step, self.version = int(state["step"]), int(versions[0])
         log.warning("resumed from %s at step %d", path, self.step)
 
@@ -346,7 +258,7 @@ class SDFTDriver:
         self.logger.event(
             "start", step=self.step, total_steps=self.total_steps, data=vars(self.report), env_names=forwarded
         )
-        if self.engines and (sdft or self.step > 0):
+        if self.actors.engines and (sdft or self.step > 0):
             self.publish_weights()  # engines load the base model; after a resume they need the restored weights
         eval_points.drop_after(cfg.train.output_dir, self.step)
         self.evaluate_point()  # before training (eval.on_start), or one a resumed run had not finished
@@ -360,7 +272,7 @@ class SDFTDriver:
             if results is None:
                 continue  # an actor died and was restarted; its batch was relaunched
             self.check_engine_weights(results)
-            if self.engines and sdft:
+            if self.actors.engines and sdft:
                 self.publish_weights_or_recover()  # the new weights go to the engines for the next rollouts
             last = self.log_step(results, time.perf_counter() - t0)
             self.evaluate_point()  # before the checkpoint: a run resumed from it has this point on disk
@@ -380,7 +292,7 @@ class SDFTDriver:
                 self.publish_weights()
             self.wait_weights()
         t0 = time.perf_counter()
-        scores = eval_points.score_point(self.cfg, self.tokenizer, self.engines, out, self.step)
+        scores = eval_points.score_point(self.cfg, self.tokenizer, self.actors.engines, out, self.step)
         accuracy = {name: round(v["accuracy"], 4) for name, v in scores.items()}
         self.logger.event("eval", step=self.step, **accuracy)
         shown = ", ".join(f"{k} {v:.3f}" for k, v in accuracy.items())
@@ -388,7 +300,7 @@ class SDFTDriver:
 
     def queue_rollouts(self) -> None:
         while len(self.queue) <= self.cfg.pipeline.max_staleness and self.next_launch < self.total_steps:
-            self.queue.launch(self.next_launch, self.engines, self.teacher_actors)
+            self.queue.launch(self.next_launch, self.actors.engines, self.actors.teacher_actors)
             self.next_launch += 1
 
     def train_step(self) -> list[StepResult] | None:
@@ -400,7 +312,7 @@ class SDFTDriver:
             self.wait_weights()
             batch = self.queue.head()
             results = self._get(
-                [tr.train_step.remote(batch.rollout_refs, batch.teacher_refs) for tr in self.trainers],
+                [tr.train_step.remote(batch.rollout_refs, batch.teacher_refs) for tr in self.actors.trainers],
                 f"train step {self.step}",
             )
         except (ray.exceptions.RayError, WeightSyncTimeout) as err:  # other ActorFailures (timeouts) stop
@@ -442,35 +354,23 @@ class SDFTDriver:
             "steps": self.step,
             "wall_s": wall,
             "last": last,
-            "restarts": sum(sum(g.restarts) for g in (self.rollouts, self.teachers) if g is not None),
+            "restarts": sum(sum(g.restarts) for g in (self.actors.rollouts, self.actors.teachers) if g is not None),
             "skipped_records": self.report.skipped,
             "weights_verified": self.weights.verified,
         }
-        summary["peak_rss_gb"] = self.peak_rss_gb()
-        if cfg.data.eval and self.engines:
+        summary["peak_rss_gb"] = self.actors.peak_rss_gb()
+        if cfg.data.eval and self.actors.engines:
             from sdft_ray.evaluate import evaluate_with_engines
 
             if cfg.train.algo != "sdft":  # SDFT engines already hold the final weights (synced after each step)
                 self.publish_weights()
                 self.wait_weights()
-            summary["eval"] = evaluate_with_engines(cfg, self.tokenizer, self.engines, cfg.data.eval)
+            summary["eval"] = evaluate_with_engines(cfg, self.tokenizer, self.actors.engines, cfg.data.eval)
             scalars = {f"eval/{k}": v for k, v in summary["eval"].items() if not isinstance(v, (list, dict))}
             self.logger.log(self.step, scalars)
         self.logger.event("end", **{k: v for k, v in summary.items() if k != "last"})
         self.logger.close()
         return summary
-
-    def peak_rss_gb(self) -> dict[str, float]:
-        """Peak resident memory of every role's process (what `sdft-ray memory --measured` prints beside its budget)."""
-        from sdft_ray.modeling import peak_memory_mb
-
-        roles = [(f"trainer{i}", a) for i, a in enumerate(self.trainers)]
-        for group, name in ((self.rollouts, "rollout"), (self.teachers, "teacher")):
-            roles += [(f"{name}{i}", a) for i, a in enumerate(group.actors if group is not None else [])]
-        peaks = self._get([a.peak_memory.remote() for _, a in roles], "peak memory")
-        out = {role: p["rss_mb"] * 2**20 / 1e9 for (role, _), p in zip(roles, peaks, strict=True)}
-        out["driver"] = peak_memory_mb()["rss_mb"] * 2**20 / 1e9
-        return {k: round(v, 2) for k, v in out.items()}
 
 
 def environment() -> dict[str, Any]:

@@ -108,7 +108,7 @@ def _run_with(tiny, out: Path, action, **extra):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_rollout_actor_killed_is_restarted_and_resynced(tiny, ray_cluster, tmp_path: Path, backend) -> None:
     def kill_rollout(d: SDFTDriver) -> None:
-        os.kill(ray.get(d.rollouts.actors[0].pid.remote()), signal.SIGKILL)
+        os.kill(ray.get(d.actors.rollouts.actors[0].pid.remote()), signal.SIGKILL)
 
     res = _run_with(
         tiny,
@@ -129,7 +129,7 @@ def test_rollout_actor_killed_is_restarted_and_resynced(tiny, ray_cluster, tmp_p
 
 def test_trainer_killed_fails_fast_with_resume_hint(tiny, ray_cluster, tmp_path: Path) -> None:
     def kill_trainer(d: SDFTDriver) -> None:
-        os.kill(ray.get(d.trainers[0].pid.remote()), signal.SIGKILL)
+        os.kill(ray.get(d.actors.trainers[0].pid.remote()), signal.SIGKILL)
 
     res = _run_with(tiny, tmp_path, kill_trainer, train__steps=200, rollout__max_new_tokens=24)
     assert isinstance(res.get("error"), ActorFailure), res
@@ -160,8 +160,8 @@ def test_engine_left_on_old_weights_stops_the_run(tiny, ray_cluster, tmp_path: P
 
     def resend_the_base_weights(self, which: str, receivers: list, version: int) -> None:  # the test's hook
         if not base_buckets:  # the first sync: the base model, kept in the object store for the later ones
-            n = ray.get(d.trainers[0].num_buckets.remote(which))
-            base_buckets.extend(d.trainers[0].publish_bucket.remote(which, i) for i in range(n))
+            n = ray.get(d.actors.trainers[0].num_buckets.remote(which))
+            base_buckets.extend(d.actors.trainers[0].publish_bucket.remote(which, i) for i in range(n))
             return real_stream(self, which, receivers, version)
         # every later sync "arrives" (the engine records the new version) but carries the base weights
         n = len(base_buckets)

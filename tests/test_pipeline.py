@@ -52,7 +52,7 @@ def test_sdft_loss_decreases_and_weights_reach_rollout_engine(tiny, ray_cluster,
         pipeline__max_staleness=1,
     )
     try:
-        assert ray.get(d.rollouts.actors[0].backend_name.remote()).startswith(
+        assert ray.get(d.actors.rollouts.actors[0].backend_name.remote()).startswith(
             {"hf": "transformers", "vllm": "vllm"}[backend]
         )
         rows = _rows(tmp_path)
@@ -61,8 +61,8 @@ def test_sdft_loss_decreases_and_weights_reach_rollout_engine(tiny, ray_cluster,
         assert last < 0.6 * first, [r["loss"] for r in rows]
         # every sync (initial + one per step) was checked: engine checksum == trainer checksum
         assert summary["weights_verified"] == 13
-        trainer_sd = ray.get(d.trainers[0].state_dict_cpu.remote())
-        assert ray.get(d.rollouts.actors[0].checksum.remote()) == ray.get(d.trainers[0].checksum.remote())
+        trainer_sd = ray.get(d.actors.trainers[0].state_dict_cpu.remote())
+        assert ray.get(d.actors.rollouts.actors[0].checksum.remote()) == ray.get(d.actors.trainers[0].checksum.remote())
         # ...and those weights are trained ones, not the base model
         assert abs(sum(t.double().sum().item() for t in trainer_sd.values()) - base_sum) > 1e-3
     finally:
@@ -105,9 +105,9 @@ def test_separate_teacher_topk_gets_ema_weights(tiny, ray_cluster, tmp_path: Pat
     )
     try:
         # the separate teacher holds exactly the trainer's EMA weights, which differ from the student's
-        t_sum = ray.get(d.teachers.actors[0].checksum.remote())
-        assert t_sum == ray.get(d.trainers[0].checksum.remote("teacher"))
-        assert t_sum != ray.get(d.trainers[0].checksum.remote("student"))
+        t_sum = ray.get(d.actors.teachers.actors[0].checksum.remote())
+        assert t_sum == ray.get(d.actors.trainers[0].checksum.remote("teacher"))
+        assert t_sum != ray.get(d.actors.trainers[0].checksum.remote("student"))
     finally:
         d.shutdown()
     assert summary["weights_verified"] == 2 * 4  # rollout + teacher, initial + 3 steps
@@ -167,8 +167,8 @@ def test_zero_stages_gather_full_weights_for_sync_and_checkpoint(tiny, ray_clust
         pipeline__sync_bucket_mb=0.01,
     )
     try:
-        full = ray.get(d.trainers[0].state_dict_cpu.remote())
-        trace = ray.get(d.trainers[0].trace_state.remote())
+        full = ray.get(d.actors.trainers[0].state_dict_cpu.remote())
+        trace = ray.get(d.actors.trainers[0].trace_state.remote())
     finally:
         d.shutdown()
     assert summary["weights_verified"] == 4

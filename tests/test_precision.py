@@ -190,9 +190,9 @@ def test_weights_synced_to_a_bf16_engine_are_verified_by_checksum(tiny, ray_clus
     try:
         summary = d.run()
         assert summary["weights_verified"] == 4  # the base, then one sync per step, each compared
-        engine_sum = ray.get(d.rollouts.actors[0].checksum.remote())
-        assert engine_sum == ray.get(d.trainers[0].checksum.remote())
-        dtypes = {t.dtype for t in ray.get(d.trainers[0].state_dict_cpu.remote()).values()}
+        engine_sum = ray.get(d.actors.rollouts.actors[0].checksum.remote())
+        assert engine_sum == ray.get(d.actors.trainers[0].checksum.remote())
+        dtypes = {t.dtype for t in ray.get(d.actors.trainers[0].state_dict_cpu.remote()).values()}
         assert dtypes == {torch.bfloat16}  # what was checked is the bf16 weights the engine runs
     finally:
         d.shutdown()

@@ -59,8 +59,8 @@ def _ours(cfg: Config, steps: int) -> dict[str, Any]:
     d = SDFTDriver(c)
     try:
         d.run()
-        peak = {"trainer": ray.get(d.trainers[0].peak_memory.remote())}
-        for group, name in ((d.rollouts, "rollout"), (d.teachers, "teacher")):
+        peak = {"trainer": ray.get(d.actors.trainers[0].peak_memory.remote())}
+        for group, name in ((d.actors.rollouts, "rollout"), (d.actors.teachers, "teacher")):
             if group is not None:
                 peak[name] = ray.get(group.actors[0].peak_memory.remote())
     finally:
