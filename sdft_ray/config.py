@@ -45,7 +45,7 @@ class ModelConfig:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     trust_remote_code: bool = False  # off unless asked: remote code runs with the job's privileges
     gradient_checkpointing: bool = False
-    attn_implementation: str = ""  # "" = transformers' default (sdpa)
+    attn_implementation: str = ""  # "": eager for bf16 on CPU, else transformers' default (modeling.attention_for)
     lora: LoraSettings = field(default_factory=LoraSettings)
 
     def check(self) -> None:

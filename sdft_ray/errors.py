@@ -5,6 +5,7 @@ They live here, free of heavy imports, so the CLI can name them without loading 
 
 from __future__ import annotations
 
+import errno
 import re
 
 ROLES = {"StudentTrainer": "trainer", "RolloutWorker": "rollout engine", "TeacherWorker": "teacher actor"}
@@ -129,3 +130,54 @@ def _kill_descendants() -> None:
 
 class ConfigError(ValueError):
     """A config value or key is wrong; the message names the key."""
+
+
+class UsageError(ValueError):
+    """A command-line argument that cannot be used; the message says what to pass instead."""
+
+
+class MissingDependency(RuntimeError):
+    """An optional library a feature needs is not installed; the message names the pip command that adds it."""
+
+
+class FetchError(RuntimeError):
+    """A model could not be obtained or failed verification; the message says what to do."""
+
+
+def exit_status(e: BaseException) -> tuple[int, str] | None:
+    """The exit status and the one line to print for an error a user can cause or meet; None for anything else
+    (a bug: its traceback is what a report needs). 2: fix the input and rerun; 1: the run failed and can be
+    resumed; 130: stopped by a signal."""
+    if isinstance(e, ConfigError):
+        return 2, f"config error: {e}"
+    # raised in the driver or inside an actor (Ray's wrapper is also an instance of the cause's class)
+    for kind, prefix in ((DataError, "data error"), (ModelError, "model error"), (CheckpointError, "checkpoint error")):
+        if isinstance(e, kind):
+            return 2, f"{prefix}: {_cause(e)}"
+    if isinstance(e, (UsageError, MissingDependency, FetchError)):
+        return 2, f"error: {_cause(e)}"
+    if isinstance(e, (ActorFailure, WeightSyncError, NonFiniteLossError)):
+        return 1, report_failure(e)
+    if isinstance(e, KeyboardInterrupt):
+        # train() has already stopped its actors (its finally); checkpoints are only ever replaced whole
+        how = "SIGTERM" if isinstance(e, Stopped) else "Ctrl-C (SIGINT)"
+        return 130, f"sdft-ray: stopped by {how}; the last complete checkpoint is kept"
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        return 1, (
+            f"error: no space left on device ({e.filename or 'writing the run log'}); the last complete checkpoint "
+            "is intact: free space, then rerun with train.resume=auto"
+        )
+    oom = memory_kill(e)  # a Ray error: one line when it is a memory kill
+    return (1, f"error: {oom}") if oom else None
+
+
+def report_failure(e: BaseException) -> str:
+    """The one line for a run that could not go on; a memory kill behind it is named as such."""
+    oom = memory_kill(e.__cause__) if e.__cause__ is not None else None
+    return f"error: {oom or _cause(e)}"
+
+
+def _cause(e: BaseException) -> str:
+    """The original message of an exception raised inside a Ray actor, without Ray's traceback wrapper."""
+    cause = getattr(e, "cause", None)
+    return str(cause if isinstance(cause, BaseException) else e)

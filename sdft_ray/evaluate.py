@@ -19,6 +19,7 @@ from typing import Any
 
 from sdft_ray.config import Config
 from sdft_ray.data import load_examples, tokenize_examples
+from sdft_ray.errors import MissingDependency
 from sdft_ray.records import Prompt
 
 _ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
@@ -214,7 +215,7 @@ def run_lm_eval(model_path: str, tasks: list[str], limit: int | None = None) -> 
     try:
         import lm_eval
     except ImportError as e:
-        raise RuntimeError("lm-eval-harness is not installed: pip install 'sdft-ray[eval]'") from e
+        raise MissingDependency("lm-eval-harness is not installed: pip install 'sdft-ray[eval]'") from e
     res = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={model_path}", tasks=tasks, limit=limit)
     return res["results"]
 

@@ -259,9 +259,9 @@ def test_a_memory_kill_is_one_line_naming_the_role(capsys) -> None:
     # the driver's own error for a dead trainer carries the memory kill as its cause: the CLI prints the kill
     err = ActorFailure("trainer rank(s) [0] died at step 2 (OutOfMemoryError)")
     err.__cause__ = ray.exceptions.OutOfMemoryError(RAY_OOM)
-    from sdft_ray import cli
+    from sdft_ray.errors import exit_status
 
-    assert cli.report_failure(err) == "error: " + line
+    assert exit_status(err) == (1, "error: " + line)
 
 
 def test_dry_run_checks_everything_and_touches_nothing(tiny, tmp_path: Path, capsys) -> None:
@@ -352,3 +352,25 @@ def test_offline_hub_names_are_one_line_and_memory_works_offline(tiny, tmp_path:
     )
     assert mem.returncode == 0, mem.stderr[-2000:]
     assert "117 of 141 GB" in mem.stdout and "Retrying" not in mem.stderr
+
+
+def test_a_missing_optional_library_is_one_line_and_other_runtime_errors_keep_their_traceback(tiny, capsys) -> None:
+    if __import__("importlib").util.find_spec("lm_eval") is not None:
+        pytest.skip("lm-eval-harness is installed here")
+    over = tiny_overrides(tiny, Path("unused"))
+    assert main(["eval", "--lm-eval", "hellaswag", *over]) == 2
+    assert "lm-eval-harness is not installed: pip install 'sdft-ray[eval]'" in _one_line_error(capsys, "error: ")
+    from sdft_ray.errors import MissingDependency, exit_status
+
+    assert exit_status(MissingDependency("x needs y: pip install y")) == (2, "error: x needs y: pip install y")
+    # the type decides, not the words: a bug whose message happens to say "not installed" is not hidden
+    assert exit_status(RuntimeError("a handler was not installed")) is None
+
+
+def test_help_lists_every_subcommand(capsys) -> None:
+    from sdft_ray.cli import COMMANDS
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert all(f"    {name} " in out or f"    {name}\n" in out for name in COMMANDS)

