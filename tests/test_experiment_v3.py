@@ -55,3 +55,13 @@ def test_runner_reads_finished_runs_back_and_rebuilds_tables(tiny, ray_cluster, 
 
     with pytest.raises(SystemExit, match="other settings"):  # a finished run is never mixed with new settings
         experiment_v3.main([*args, tiny["train"], "train.lr=0.5"])
+
+    # what a fresh clone holds of a run cut off on another machine: its records, no checkpoint (not committed)
+    import shutil
+
+    shutil.rmtree(out / "sft_seed0" / "checkpoints")
+    (out / "sft_seed0" / "DONE.json").unlink()
+    experiment_v3.main([*args, tiny["train"]])
+    assert json.loads((out / "sft_seed0" / "DONE.json").read_text())["steps"] == 2  # trained again, from step 0
+    lost = [p for p in out.iterdir() if p.name.startswith("sft_seed0.lost-")]
+    assert len(lost) == 1 and (lost[0] / "metrics.jsonl").is_file()  # the lost attempt's log kept beside it

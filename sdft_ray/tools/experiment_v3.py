@@ -8,7 +8,8 @@ One command per model; everything it finished is read back from disk, so it is s
   ``bfcl_train.jsonl``, the records whose teacher prompt fits ``data.max_prompt_length``, the first ``--n-train``);
 - ``base/``: the base model scored once on every eval set (greedy scoring of one model gives one answer);
 - ``{sdft,sft}_seed{N}/``: one training run each, with eval points during it (``eval.every``), resumed from its
-  last checkpoint when cut off; ``DONE.json`` when finished (then only the final student is kept);
+  last checkpoint when cut off (started again when it has none: ``<run>.lost-<time>/`` keeps what that attempt
+  logged); ``DONE.json`` when finished (then only the final student is kept, under ``checkpoints/``);
 - ``results.md`` / ``results.json`` / ``curves.png``: rebuilt from all of the above after every run.
 """
 
@@ -164,6 +165,16 @@ def run_one(config: str, overrides: list[str], run_dir: Path, drift_ref: Any) ->
         raise SystemExit(
             f"{run_dir} holds a finished run of other settings (config or overrides changed); "
             "choose another --out or delete that folder"
+        )
+    if run_dir.is_dir() and not ckpt.complete_checkpoints(str(run_dir)):
+        # cut off before its first checkpoint, or its checkpoints stayed on another machine (only records are
+        # committed): start it again, keeping what the lost attempt logged beside it
+        aside = run_dir.with_name(f"{run_dir.name}.lost-{time.strftime('%Y%m%d-%H%M%S')}")
+        run_dir.rename(aside)
+        print(
+            f"sdft-ray: {run_dir.name} has no checkpoint to resume from; starting again ({aside.name} kept)",
+            file=sys.stderr,
+            flush=True,
         )
     cfg = load_config(config, [*overrides, "train.resume=auto"])
     init_ray()
