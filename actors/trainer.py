@@ -485,13 +485,11 @@ class StudentTrainer(ActorProcess):
             device = torch.device("cuda", torch.cuda.current_device())
             self._weight_group = stateless_nccl_group(host, port, 0, world_size, device)
 
-    def send_nccl(self, which: str = "student") -> float:
-        t0 = time.perf_counter()
+    def send_nccl(self, which: str = "student") -> None:
         named, stage, transform = self._source(which)
         for b in iter_param_buckets(named, self._bucket_bytes(), stage, to_cpu=False, transform=transform):
             if self.rank == 0:
                 broadcast_bucket(self._weight_group, b)
-        return time.perf_counter() - t0
 
     def ipc_bucket(self, i: int, which: str = "student") -> dict[str, Any]:
         """CUDA IPC handle of bucket ``i`` packed on this GPU; kept alive until the next call or ipc_done."""

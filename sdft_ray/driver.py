@@ -229,8 +229,6 @@ class SDFTDriver:
         state = {
             "step": self.step,
             "version": self.version,
-            "sampler_position": self.step,
-            "total_steps": self.total_steps,
             "time": time.time(),
             "config": self.cfg.to_dict(),  # what a resume compares itself with
         }

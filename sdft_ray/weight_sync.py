@@ -70,7 +70,8 @@ def combine_digests(digests: dict[str, str]) -> str:
 
 
 def model_checksum(named: Iterable[tuple[str, torch.Tensor]]) -> str:
-    """Order-independent digest of named tensors (for tests: rollout weights == trainer weights)."""
+    """Order-independent digest of named tensors: what the checksum proof compares (a receiver's weights against
+    the trainer's)."""
     return combine_digests(tensor_digests(named))
 
 

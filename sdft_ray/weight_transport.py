@@ -53,7 +53,7 @@ class WeightTransport:
                 "weight sync",
                 p.sync_timeout_s + p.call_timeout_s,
                 WeightSyncTimeout,
-                "pipeline.sync_timeout_s",
+                "pipeline.sync_timeout_s + pipeline.call_timeout_s",
             )
             self.pending = []
             self.seconds = max((d["seconds"] for d in done if d), default=0.0)  # trainer ranks > 0 answer None
