@@ -17,38 +17,22 @@ from typing import Any
 import torch
 
 from actors.base import ActorProcess, pin_visible_gpus
+from actors.student_loss import StudentLoss
 from actors.teacher import TeacherScorer
+from actors.weight_sender import WeightSender
 from sdft_ray import lora
 from sdft_ray.config import config_from_dict
 from sdft_ray.ds_config import deepspeed_config, grad_accum_steps, lr_lambda
 from sdft_ray.errors import NonFiniteLossError
-from sdft_ray.losses import LossOutput, chunked_sdft_loss, sdft_loss, sft_loss
 from sdft_ray.modeling import (
-    completion_hidden,
-    completion_logits,
     device_for,
-    lm_head,
     load_model,
     load_tokenizer,
-    pad_floats,
-    pad_right,
 )
 from sdft_ray.network import free_address, init_process_group
 from sdft_ray.records import Sample, StepResult, TeacherScores
 from sdft_ray.weight_sync import (
-    Bucket,
-    Meta,
-    Named,
-    Transform,
-    broadcast_bucket,
-    bucket_checksum,
-    bucket_groups,
-    dtype_name,
-    gather_bucket,
-    ipc_handles,
     iter_param_buckets,
-    model_checksum,
-    pack,
 )
 
 
@@ -72,15 +56,6 @@ def skip_update(optimizer: Any) -> Iterator[None]:
         del inner.step
 
 
-def rollout_logprobs(mb: list[Sample], width: int) -> torch.Tensor:
-    """The engine's log-probs of the sampled tokens [B, width]; one per token or an error (F17): zero-filled gaps
-    would silently pull the importance weights towards exp(logp_trainer)."""
-    for m in mb:
-        if len(m.rollout_logprobs) != len(m.completion_ids):
-            raise ValueError(f"rollout {m.uid}: {len(m.rollout_logprobs)} log-probs for {len(m.completion_ids)} tokens")
-    return pad_floats([m.rollout_logprobs for m in mb], width)
-
-
 def _init_distributed_env(rank: int, world_size: int, master_addr: str, master_port: int) -> None:
     os.environ.update(
         MASTER_ADDR=master_addr,
@@ -94,7 +69,7 @@ def _init_distributed_env(rank: int, world_size: int, master_addr: str, master_p
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
-class StudentTrainer(ActorProcess):
+class StudentTrainer(ActorProcess, WeightSender):
     def __init__(
         self,
         cfg_dict: dict[str, Any],
@@ -163,6 +138,7 @@ class StudentTrainer(ActorProcess):
         )
         if needs_local_teacher and cfg.teacher.kind != "external":
             self.teacher = TeacherScorer(cfg, self.device, student=self.engine.module)
+        self.loss = StudentLoss(cfg, self.pad, self.teacher)
 
     # ------------------------------------------------------------ helpers
     def free_address(self) -> tuple[str, int]:
@@ -173,119 +149,8 @@ class StudentTrainer(ActorProcess):
         """The transformers model the forwards run (with LoRA: the one inside peft's wrapper, adapters in it)."""
         return lora.hf_model(self.engine.module) if self.lora else self.engine.module
 
-    def _bucket_bytes(self) -> int:
-        return int(self.cfg.pipeline.sync_bucket_mb * 2**20)
-
     def _lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
-
-    # ------------------------------------------------------------ the step
-    def _micro_loss(self, mb: list[Any], teacher_rows: dict[str, TeacherScores]) -> LossOutput:
-        """One micro-batch's loss: SFT on ``Prompt`` records (their demonstrations), SDFT on ``Sample`` records."""
-        cfg, lo = self.cfg, self.cfg.loss
-        if cfg.train.algo == "sft":
-            t0 = time.perf_counter()
-            logits = completion_logits(
-                self.module,
-                [m.prompt_ids for m in mb],
-                [m.demonstration_ids for m in mb],
-                self.pad,
-                cfg.train.share_prompt_prefix,
-            )
-            t1 = time.perf_counter()
-            ids, mask = pad_right([m.demonstration_ids for m in mb], self.pad)
-            out = sft_loss(logits, ids.to(logits.device), mask.to(logits.device))
-            self._timing["forward_s"] += t1 - t0
-            self._timing["loss_s"] += time.perf_counter() - t1
-            return out
-        comps = [m.completion_ids for m in mb]
-        kwargs: dict[str, Any] = {}
-        t0 = time.perf_counter()
-        if teacher_rows:
-            width = max(len(c) for c in comps)
-            rows = [teacher_rows[m.uid] for m in mb]
-            if lo.estimator == "sampled":
-                kwargs["teacher_logp_tok"] = pad_floats([r.logp_tok.tolist() for r in rows], width)
-            else:
-                k = rows[0].logp_k.shape[-1]
-                lp = torch.full((len(mb), max(1, width), k), -1e4)
-                ix = torch.zeros((len(mb), max(1, width), k), dtype=torch.long)
-                for i, r in enumerate(rows):
-                    lp[i, : len(r.logp_k)] = r.logp_k
-                    ix[i, : len(r.ids_k)] = r.ids_k
-                kwargs["teacher_logp_k"], kwargs["teacher_support"] = lp, ix
-        else:
-            assert self.teacher is not None
-            t_prompts = [m.teacher_prompt_ids for m in mb]
-            if lo.estimator == "full" and lo.chunk_tokens > 0:
-                t_hidden = self.teacher.hidden(t_prompts, comps)
-                if t_hidden is not None:  # else a model we cannot split into decoder + head: materialized logits
-                    self._timing["teacher_s"] += time.perf_counter() - t0
-                    return self._chunked_loss(mb, comps, t_hidden)
-            kwargs["teacher_logits"] = self.teacher.logits(t_prompts, comps)
-        t1 = time.perf_counter()
-        self._timing["teacher_s"] += t1 - t0
-        prompts = [m.prompt_ids for m in mb]
-        logits = completion_logits(self.module, prompts, comps, self.pad, cfg.train.share_prompt_prefix)
-        t2 = time.perf_counter()
-        self._timing["forward_s"] += t2 - t1
-        dev = logits.device
-        ids, mask = pad_right(comps, self.pad)
-        rollout_logp = rollout_logprobs(mb, ids.shape[1])
-        kwargs = {k: v.to(dev) for k, v in kwargs.items()}
-        out = sdft_loss(
-            logits,
-            ids.to(dev),
-            mask.to(dev),
-            divergence_kind=lo.divergence,
-            alpha=lo.jsd_alpha,
-            estimator=lo.estimator,
-            top_k=lo.top_k,
-            topk_support=lo.topk_support,
-            topk_tail=lo.topk_tail,
-            rollout_logp=rollout_logp.to(dev) if self._compare_logprobs else None,
-            skip_first=lo.skip_first_tokens,
-            importance_clip=lo.importance_clip,
-            **kwargs,
-        )
-        self._timing["loss_s"] += time.perf_counter() - t2
-        return out
-
-    def _chunked_loss(self, mb: list[Sample], comps: list[list[int]], t_hidden: torch.Tensor) -> LossOutput:
-        """The full-vocabulary loss from hidden states, ``loss.chunk_tokens`` tokens of logits at a time."""
-        lo = self.cfg.loss
-        prompts = [m.prompt_ids for m in mb]
-        t0 = time.perf_counter()
-        s_hidden = completion_hidden(self.module, prompts, comps, self.pad, self.cfg.train.share_prompt_prefix)
-        assert s_hidden is not None  # same architecture as the teacher, which could be split
-        t1 = time.perf_counter()
-        self._timing["forward_s"] += t1 - t0
-        dev = s_hidden.device
-        ids, mask = pad_right(comps, self.pad)
-        rollout_logp = rollout_logprobs(mb, ids.shape[1])
-        out = chunked_sdft_loss(
-            s_hidden,
-            t_hidden.to(dev),
-            lambda h: lm_head(self.module, h),
-            self.teacher.head,
-            ids.to(dev),
-            mask.to(dev),
-            divergence_kind=lo.divergence,
-            alpha=lo.jsd_alpha,
-            rollout_logp=rollout_logp.to(dev) if self._compare_logprobs else None,
-            skip_first=lo.skip_first_tokens,
-            importance_clip=lo.importance_clip,
-            chunk_tokens=lo.chunk_tokens,
-        )
-        self._timing["loss_s"] += time.perf_counter() - t1
-        return out
-
-    @property
-    def _compare_logprobs(self) -> bool:
-        """Rollout log-probs go into the loss for the importance weight (clip 0 makes it 1) and the gap monitor;
-        not with generate_from_teacher: p_student(y|x) / p_engine(y|x, c) would be an off-policy ratio, not an
-        engine-numerics correction (official and TRL turn it off there)."""
-        return not self.cfg.rollout.generate_from_teacher
 
     def train_step(self, shards: list[Any], teacher_shards: list[Any] | None = None) -> StepResult:
         """One optimizer step on this rank's share of the batch (refs to lists of ``Sample``, or of ``Prompt``
@@ -303,7 +168,7 @@ class StudentTrainer(ActorProcess):
         mbs = self.cfg.train.micro_batch_size
         if len(mine) != mbs * self.gas:
             raise ValueError(f"trainer rank {self.rank}: got {len(mine)} samples, expected {mbs * self.gas}")
-        self._timing = dict.fromkeys(("teacher_s", "forward_s", "loss_s", "backward_s", "optimizer_s"), 0.0)
+        timing = dict.fromkeys(("teacher_s", "forward_s", "loss_s", "backward_s", "optimizer_s"), 0.0)
         t0 = time.perf_counter()
         self.engine.train()
         losses, kls, weights, tokens, bad = [], [], [], 0, False
@@ -312,7 +177,9 @@ class StudentTrainer(ActorProcess):
         for i in range(self.gas):
             mb = mine[i * mbs : (i + 1) * mbs]
             self._zero3_reset_trace()
-            out = self._micro_loss(mb, teacher_rows)
+            out, spent = self.loss(self.module, mb, teacher_rows)
+            for k, v in spent.items():
+                timing[k] += v
             loss = out.loss
             if not torch.isfinite(loss):
                 # Don't backprop NaN/inf: a zero surrogate keeps DeepSpeed's accumulation counters in step,
@@ -328,7 +195,7 @@ class StudentTrainer(ActorProcess):
             tb = time.perf_counter()
             self.engine.backward(loss)
             to = time.perf_counter()
-            self._timing["backward_s"] += to - tb
+            timing["backward_s"] += to - tb
             if i == self.gas - 1 and not bad and self.cfg.train.zero_stage == 0:
                 grad_norm = self._grad_norm()
             if i == self.gas - 1 and bad:
@@ -336,8 +203,8 @@ class StudentTrainer(ActorProcess):
                     self.engine.step()  # DeepSpeed still zeroes the grads and advances the LR schedule
             else:
                 self.engine.step()
-            self._timing["optimizer_s"] += time.perf_counter() - to
-        train_s = time.perf_counter() - t0 - self._timing["teacher_s"]
+            timing["optimizer_s"] += time.perf_counter() - to
+        train_s = time.perf_counter() - t0 - timing["teacher_s"]
         if bad:
             self.bad_steps += 1
             if self.bad_steps >= self.cfg.train.max_bad_steps:
@@ -380,11 +247,11 @@ class StudentTrainer(ActorProcess):
             lag_mean=sum(lag) / max(1, len(lag)),
             lag_max=max(lag, default=0),
             rollout_s=max((m.rollout_s for m in mine if isinstance(m, Sample)), default=0.0),
-            teacher_s=self._timing["teacher_s"],
+            teacher_s=timing["teacher_s"],
             train_s=train_s,
             ema_s=time.perf_counter() - t1,
             version=self.version,
-            **{k: v for k, v in self._timing.items() if k != "teacher_s"},
+            **{k: v for k, v in timing.items() if k != "teacher_s"},
         )
 
     def _samples(self, mine: list[Any]) -> list[dict[str, Any]]:
@@ -446,88 +313,6 @@ class StudentTrainer(ActorProcess):
             return
         for b in iter_param_buckets(self.module, self._bucket_bytes(), self.cfg.train.zero_stage, to_cpu=False):
             self.teacher.ema_update(list(zip(b.names, b.tensors, strict=True)), rate)
-
-    # ------------------------------------------------------------ weights out
-    def num_buckets(self, which: str = "student") -> int:
-        return len(bucket_groups(self._source(which)[0], self._bucket_bytes()))
-
-    def publish_bucket(self, which: str, index: int) -> Bucket | None:
-        """Bucket ``index`` of the current weights, as this call's return value: Ray keeps it in the object
-        store for as long as the driver holds the reference, so the driver bounds how many exist at once.
-
-        Every rank must call this under ZeRO-3 (the gather is collective); ranks > 0 return None.
-        """
-        named, stage, transform = self._source(which)
-        b = gather_bucket(bucket_groups(named, self._bucket_bytes())[index], stage, transform=transform)
-        if self.rank != 0:
-            return None
-        if self.cfg.pipeline.verify_weight_checksums:
-            b.checksum = bucket_checksum(b.names, b.tensors)
-        return b
-
-    # GPU transports (vLLM engines): NCCL broadcast or CUDA IPC, one flat buffer per bucket
-    def sync_plan(self, which: str = "student") -> list[Meta]:
-        """Bucket layout (names, dtypes, full shapes) without gathering: engines allocate before the send."""
-        named, _, _ = self._source(which)
-        return [
-            [
-                (name, dtype_name(p.dtype), tuple(p.ds_shape) if hasattr(p, "ds_shape") else tuple(p.shape))
-                for name, p in g
-            ]
-            for g in bucket_groups(named, self._bucket_bytes())
-        ]
-
-    def init_weight_group(self, host: str, port: int, world_size: int) -> None:
-        """Rank 0 joins the NCCL weight group as its source (rank 0 of the group); the engines join too."""
-        from actors.vllm_engine import stateless_nccl_group
-
-        if self.rank == 0:
-            device = torch.device("cuda", torch.cuda.current_device())
-            self._weight_group = stateless_nccl_group(host, port, 0, world_size, device)
-
-    def send_nccl(self, which: str = "student") -> None:
-        named, stage, transform = self._source(which)
-        for b in iter_param_buckets(named, self._bucket_bytes(), stage, to_cpu=False, transform=transform):
-            if self.rank == 0:
-                broadcast_bucket(self._weight_group, b)
-
-    def ipc_bucket(self, i: int, which: str = "student") -> dict[str, Any]:
-        """CUDA IPC handle of bucket ``i`` packed on this GPU; kept alive until the next call or ipc_done."""
-        if i == 0:  # one pass over the buckets per sync; only the current one is materialized
-            named, stage, transform = self._source(which)
-            self._ipc_iter = iter_param_buckets(named, self._bucket_bytes(), stage, to_cpu=False, transform=transform)
-        bucket = next(self._ipc_iter)
-        self._ipc_flat = pack(bucket.tensors)
-        torch.cuda.synchronize()
-        return ipc_handles(self._ipc_flat)
-
-    def ipc_done(self) -> None:
-        self._ipc_flat, self._ipc_iter = None, None
-        if torch.cuda.is_available():
-            torch.cuda.ipc_collect()  # release the shared buckets the engine has closed (as vLLM and verl do)
-
-    def buckets(self, which: str = "student") -> list[Bucket]:
-        """The same buckets, in-process (used by GPU transports and tests)."""
-        named, stage, transform = self._source(which)
-        return list(iter_param_buckets(named, self._bucket_bytes(), stage, transform=transform))
-
-    def _source(self, which: str) -> tuple[Named, int, Transform | None]:
-        """What a sync of ``which`` sends: (name, parameter) as receivers name them, the ZeRO stage to gather
-        under, and the per-tensor transform (LoRA: fold that role's adapter into the base weight)."""
-        if which == "teacher" and self.teacher is None:
-            raise ValueError("this trainer holds no teacher weights")
-        if self.lora:
-            adapter = lora.TEACHER if which == "teacher" else lora.STUDENT
-            return lora.merged_names(self.engine.module), 0, lora.Merger(self.engine.module, adapter)
-        if which == "teacher":
-            return list(self.teacher.model.named_parameters()), 0, None
-        return list(self.module.named_parameters()), self.cfg.train.zero_stage, None
-
-    def checksum(self, which: str = "student") -> str:
-        return model_checksum((n, t) for b in self.buckets(which) for n, t in zip(b.names, b.tensors, strict=True))
-
-    def state_dict_cpu(self, which: str = "student") -> dict[str, torch.Tensor]:
-        return {n: t for b in self.buckets(which) for n, t in zip(b.names, b.tensors, strict=True)}
 
     # ------------------------------------------------------------ checkpoints
     def save(self, path: str) -> None:

@@ -356,7 +356,7 @@ def test_chunked_loss_equals_materialized_and_reference(kind: str, alpha: float,
 
 
 def test_missing_rollout_logprobs_are_an_error_not_zeros() -> None:
-    from actors.trainer import rollout_logprobs
+    from actors.student_loss import rollout_logprobs
     from sdft_ray.records import Sample
 
     ok = [Sample(uid="a", index=0, prompt_ids=[3], completion_ids=[1, 2], rollout_logprobs=[-0.1, -0.2])]
