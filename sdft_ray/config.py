@@ -11,15 +11,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from sdft_ray.config_parse import apply, non_finite, raw_settings
-from sdft_ray.errors import ConfigError
+from sdft_ray.config_check import check_config, need
+from sdft_ray.config_parse import apply, raw_settings
+from sdft_ray.errors import ConfigError as ConfigError  # where callers have always imported it from
 
 Scorer = Literal["exact", "answer_tag", "tool_use", "contains", "humaneval", "bfcl"]  # sdft_ray.evaluate.SCORERS
-
-
-def need(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ConfigError(msg)
 
 
 @dataclass
@@ -355,81 +351,8 @@ class Config:
 
     def check(self) -> None:
         """Reject settings that would fail later, with the key that is wrong: each section's own rules, then
-        those that join sections."""
-        bad = non_finite(self)
-        if bad:
-            raise ConfigError(f"{bad}: must be a finite number")
-        self.model.check()
-        need(
-            bool(self.data.train) or bool(self.continual.stages),
-            "data.train is required (json/jsonl/parquet file, save_to_disk folder or hub name)",
-        )
-        for section in (self.train, self.logging, self.teacher, self.loss, self.rollout, self.pipeline):
-            section.check()
-        self.eval.check()
-        self.continual.check()
-        t, lo, r, te = self.train, self.loss, self.rollout, self.teacher
-        per_rank = t.batch_size * (r.num_rollouts if t.algo == "sdft" else 1)
-        need(
-            per_rank % (t.micro_batch_size * t.num_trainers) == 0,
-            f"train.batch_size ({t.batch_size}) x rollout.num_rollouts ({r.num_rollouts}) must be divisible by "
-            f"train.micro_batch_size ({t.micro_batch_size}) x train.num_trainers ({t.num_trainers})",
-        )
-        if self.model.lora.rank:
-            need(
-                t.zero_stage < 3,
-                "model.lora needs train.zero_stage 0-2: ZeRO-3 would partition a base that never "
-                "trains, and the adapter is too small to need it",
-            )
-            need(
-                not te.model_path,
-                "model.lora with teacher.model_path: the LoRA teacher is the student's own base "
-                "plus an adapter; a teacher model of its own needs full fine-tuning",
-            )
-        if te.kind == "external":
-            need(lo.estimator == "topk", "teacher.kind=external only returns top-k logprobs: use loss.estimator=topk")
-        if self.teacher_colocated is False and lo.estimator == "topk":
-            need(lo.topk_support == "teacher", "loss.topk_support=student needs the teacher colocated with the trainer")
-        if lo.estimator == "full" and te.placement == "separate":
-            raise ConfigError(
-                "loss.estimator=full with teacher.placement=separate would ship seq x vocab tensors between actors; "
-                "use teacher.placement=colocated (or auto) or loss.estimator=topk"
-            )
-        self._check_transport()
-        need(
-            t.algo != "sdft" or r.temperature == 1.0,
-            f"rollout.temperature={r.temperature}: SDFT scores rollouts at temperature 1 (student, teacher and "
-            "importance weight); official and TRL divide all logits by T instead, which sdft-ray does not "
-            "implement yet",
-        )
-
-    def _check_transport(self) -> None:
-        t, r, kind = self.train, self.rollout, self.weight_transport
-        if kind in ("nccl", "ipc"):
-            need(r.backend == "vllm", f"pipeline.weight_transport={kind} needs rollout.backend=vllm")
-            need(
-                r.num_gpus > 0 and t.num_gpus > 0,
-                f"pipeline.weight_transport={kind} moves CUDA tensors: set rollout.num_gpus and "
-                "train.num_gpus, or use object_store on CPU",
-            )
-        if kind == "ipc":
-            # only trainer rank 0's CUDA memory handles are shipped, and they open only on that GPU
-            need(
-                r.num_engines == 1 and r.tensor_parallel_size == 1,
-                "pipeline.weight_transport=ipc shares trainer 0's GPU with one engine: rollout.num_engines and "
-                "rollout.tensor_parallel_size must be 1 (more engines: whole GPUs and nccl)",
-            )
-            need(
-                r.num_gpus + t.num_gpus <= 1,
-                f"pipeline.weight_transport=ipc puts the engine on trainer 0's GPU: rollout.num_gpus "
-                f"({r.num_gpus:g}) + train.num_gpus ({t.num_gpus:g}) must be <= 1",
-            )
-        if kind == "nccl":
-            need(
-                r.num_gpus >= 1 and t.num_gpus >= 1,
-                "pipeline.weight_transport=nccl needs whole GPUs per trainer and engine (NCCL cannot put two ranks "
-                "on one GPU); a shared GPU uses ipc",
-            )
+        those that join sections (``config_check.py``)."""
+        check_config(self)
 
 
 def resolve_rollout_backend(cfg: Config) -> str:
