@@ -53,11 +53,19 @@ def test_runner_reads_finished_runs_back_and_rebuilds_tables(tiny, ray_cluster, 
     experiment_v3.main([*args, tiny["train"]])  # everything finished: read back, nothing retrained
     assert (out / "sft_seed0" / "metrics.jsonl").stat().st_mtime_ns == metrics
 
+    import shutil
+
+    moved = tmp_path / "elsewhere" / "v3"  # a clone in another folder: its finished runs are read back too
+    shutil.copytree(out, moved)
+    experiment_v3.main(["--config", str(config), "--out", str(moved), *args[4:], tiny["train"]])
+    assert (moved / "sft_seed0" / "metrics.jsonl").stat().st_mtime_ns == (
+        out / "sft_seed0" / "metrics.jsonl"
+    ).stat().st_mtime_ns
+
     with pytest.raises(SystemExit, match="other settings"):  # a finished run is never mixed with new settings
         experiment_v3.main([*args, tiny["train"], "train.lr=0.5"])
 
     # what a fresh clone holds of a run cut off on another machine: its records, no checkpoint (not committed)
-    import shutil
 
     shutil.rmtree(out / "sft_seed0" / "checkpoints")
     (out / "sft_seed0" / "DONE.json").unlink()

@@ -136,8 +136,9 @@ def teacher_gaps(config: str, overrides: list[str], root: Path, parts: tuple[str
     return text
 
 
-def _key(config: str, overrides: list[str]) -> str:
-    """What a finished run was made of: the config file's bytes (and those it extends) and the overrides."""
+def _key(config: str, overrides: list[str], root: Path) -> str:
+    """What a finished run was made of: the config file's bytes (and those it extends) and the overrides, with
+    the experiment's folder written as ``<out>`` (a clone elsewhere reads the same runs back)."""
     h = hashlib.sha256()
     path: Path | None = Path(config)
     while path is not None:
@@ -147,7 +148,7 @@ def _key(config: str, overrides: list[str]) -> str:
 
         parent = (yaml.safe_load(text) or {}).get("extends")
         path = path.parent / parent if parent else None
-    h.update(json.dumps(overrides).encode())
+    h.update(json.dumps([o.replace(str(root), "<out>") for o in overrides]).encode())
     return h.hexdigest()
 
 
@@ -156,7 +157,7 @@ def run_one(config: str, overrides: list[str], run_dir: Path, drift_ref: Any) ->
     from sdft_ray.cluster import init_ray
     from sdft_ray.driver import train
 
-    done_file, key = run_dir / "DONE.json", _key(config, overrides)
+    done_file, key = run_dir / "DONE.json", _key(config, overrides, run_dir.parent)
     if done_file.is_file():
         done = json.loads(done_file.read_text())
         if done.get("key") == key:
