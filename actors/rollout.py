@@ -182,7 +182,7 @@ class RolloutWorker(ActorProcess):
         if not self.backend_updating:
             self.backend.wake()
             self.backend_updating, self.sync_t0 = True, time.perf_counter()
-        self.backend.load_bucket(bucket, self.cfg.pipeline.verify_weight_checksums)
+        self.backend.load_bucket(bucket, self.cfg.verifies(version))
         if last:
             self.backend.finish_update()
             self.version, self.backend_updating = version, False
@@ -204,14 +204,14 @@ class RolloutWorker(ActorProcess):
         t0 = time.perf_counter()
         self.backend.wake()
         for meta in plan:
-            self._gpu_backend().recv_nccl(meta, plan_nbytes(meta))
+            self._gpu_backend().recv_nccl(meta, plan_nbytes(meta), self.cfg.verifies(version))
         self.backend.finish_update()
         self.version = version
         return {"version": version, "seconds": time.perf_counter() - t0}
 
-    def receive_ipc(self, handles: dict[str, Any], meta: Meta) -> None:
+    def receive_ipc(self, handles: dict[str, Any], meta: Meta, version: int) -> None:
         self.backend.wake()
-        self._gpu_backend().recv_ipc(handles, meta)
+        self._gpu_backend().recv_ipc(handles, meta, self.cfg.verifies(version))
 
     def finish_update(self, version: int) -> int:
         """The last IPC bucket arrived: post-process the weights, drop the stale prefix cache, adopt ``version``."""

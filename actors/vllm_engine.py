@@ -234,24 +234,25 @@ class VLLMGenerator:
         return results
 
     # -- weights: begin (first bucket) -> load buckets -> finish_update
-    def _begin(self) -> None:
+    def _begin(self, verify: bool) -> None:
+        """The first bucket of a sync: the workers start collecting digests of what arrives if it is verified."""
         if not self.updating:
-            self.llm.collective_rpc("sdft_begin_update", args=(self.cfg.pipeline.verify_weight_checksums,))
+            self.llm.collective_rpc("sdft_begin_update", args=(verify,))
             self.updating = True
 
     def load_bucket(self, bucket: Bucket, verify: bool) -> None:
-        self._begin()
+        self._begin(verify)
         self.llm.collective_rpc("sdft_load", args=(bucket.names, bucket.tensors))
 
     def init_nccl(self, host: str, port: int, rank_offset: int, world_size: int) -> None:
         self.llm.collective_rpc("sdft_init_nccl", args=(host, port, rank_offset, world_size))
 
-    def recv_nccl(self, meta: Meta, nbytes: int) -> None:
-        self._begin()
+    def recv_nccl(self, meta: Meta, nbytes: int, verify: bool) -> None:
+        self._begin(verify)
         self.llm.collective_rpc("sdft_recv_nccl", args=(meta, nbytes))
 
-    def recv_ipc(self, handles: dict[str, Any], meta: Meta) -> None:
-        self._begin()
+    def recv_ipc(self, handles: dict[str, Any], meta: Meta, verify: bool) -> None:
+        self._begin(verify)
         self.llm.collective_rpc("sdft_recv_ipc", args=(handles, meta))
 
     def finish_update(self) -> None:
@@ -266,7 +267,7 @@ class VLLMGenerator:
         self.digest = digests[0]
 
     def checksum(self) -> str:
-        """Checksum of the weights the workers received in the last sync (with verify_weight_checksums)."""
+        """Checksum of the weights the workers received in the last sync ("" unless it was verified)."""
         return self.digest
 
     # -- colocation: free GPU memory while the trainer runs

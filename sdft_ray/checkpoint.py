@@ -272,6 +272,7 @@ RESUME_SAFE = (
     "pipeline.sync_timeout_s",
     "pipeline.call_timeout_s",
     "pipeline.verify_weight_checksums",
+    "pipeline.verify_weights_every",
     "pipeline.max_actor_restarts",
     "pipeline.max_logprob_gap",
 )

@@ -223,7 +223,10 @@ class PipelineConfig:
     weight_transport: Literal["auto", "object_store", "nccl", "ipc"] = "auto"
     sync_timeout_s: float = 600.0
     call_timeout_s: float = 1800.0  # any remote call that could hang
-    verify_weight_checksums: bool = False
+    verify_weight_checksums: bool = False  # every sync: each bucket and the whole model proven by checksums
+    # and every N-th sync (version % N == 0) the whole model, with or without the above: the guard that holds with
+    # staleness, where the log-prob gap cannot judge (rollouts from older weights); 0 = never
+    verify_weights_every: int = 10
     # stop when on-policy samples' engine log-probs differ from the trainer's by more than this per token on
     # average: the engine is not sampling from the trainer's weights (numerics alone: ~1e-3 fp32, ~0.02 bf16);
     # 0 = only log it
@@ -234,6 +237,7 @@ class PipelineConfig:
         need(self.max_staleness >= 0, "pipeline.max_staleness must be >= 0")
         need(self.max_logprob_gap >= 0, "pipeline.max_logprob_gap must be >= 0 (0 = only log the gap)")
         need(self.sync_inflight_buckets >= 0, "pipeline.sync_inflight_buckets must be >= 0 (0 = no bound)")
+        need(self.verify_weights_every >= 0, "pipeline.verify_weights_every must be >= 0 (0 = never)")
         need(self.sync_bucket_mb > 0 and self.sync_timeout_s > 0, "pipeline.sync_bucket_mb/sync_timeout_s must be > 0")
 
 
@@ -325,6 +329,11 @@ class Config:
             return "object_store"
         shared_gpu = 0 < self.rollout.num_gpus < 1 and 0 < self.train.num_gpus < 1
         return "ipc" if shared_gpu else "nccl"
+
+    def verifies(self, version: int) -> bool:
+        """Whether the sync of weight ``version`` is proven by checksums (trainer and every receiver)."""
+        p = self.pipeline
+        return p.verify_weight_checksums or (p.verify_weights_every > 0 and version % p.verify_weights_every == 0)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -10,8 +10,9 @@ sync ``send`` (queue the transfer of one weight version; returns at once where t
   CudaIpcTransport      an engine on the trainer's GPU: per bucket, a CUDA IPC handle of the packed bucket.
   NcclTransport         engines on GPUs of their own: one NCCL broadcast per bucket into every engine.
 
-``WeightPublisher`` decides which receiver gets which transport and proves, with
-``pipeline.verify_weight_checksums``, that what arrived equals what the trainer holds. The trainer's half lives
+``WeightPublisher`` decides which receiver gets which transport and proves, on every sync with
+``pipeline.verify_weight_checksums`` and every ``pipeline.verify_weights_every``-th otherwise, that what arrived
+equals what the trainer holds. The trainer's half lives
 in ``actors/trainer.py`` (``publish_bucket``, ``send_nccl``, ``ipc_bucket``), the engines' in
 ``actors/rollout.py`` (``receive_*``) and the vLLM calls in ``actors/vllm_engine.py``.
 """
@@ -96,7 +97,7 @@ class CudaIpcTransport(WeightTransport):
         t0 = time.perf_counter()
         for i, meta in enumerate(self.plan):
             handles = [tr.ipc_bucket.remote(i) for tr in self.trainers][0]
-            self._get([e.receive_ipc.remote(handles, meta) for e in receivers], "ipc weight sync")
+            self._get([e.receive_ipc.remote(handles, meta, version) for e in receivers], "ipc weight sync")
         self._get([tr.ipc_done.remote() for tr in self.trainers], "ipc weight sync")
         self._get([e.finish_update.remote(version) for e in receivers], "ipc weight sync")
         self.seconds = time.perf_counter() - t0
@@ -172,14 +173,16 @@ class WeightPublisher:
         for (transport, which), receivers in groups.items():
             if not receivers:
                 continue
-            if self.cfg.pipeline.verify_weight_checksums:  # queued on the trainer before any later step
+            verify = self.cfg.verifies(version)
+            if verify:  # queued on the trainer before any later step
                 expected = [tr.checksum.remote(which) for tr in self.trainers][0]
             transport.send(receivers, which, version)
-            if self.cfg.pipeline.verify_weight_checksums:  # queued behind the update on each receiver
+            if verify:  # queued behind the update on each receiver
                 self.checks += [(a.checksum.remote(), expected, a) for a in receivers]
 
     def wait(self, version: int) -> None:
-        """Block until the last publish landed; with verify_weight_checksums, prove receivers equal the trainer."""
+        """Block until the last publish landed; where it was verified (``Config.verifies``), prove that every
+        receiver holds the trainer's weights."""
         for t in dict.fromkeys((self.engine_transport, self.object_store)):
             t.wait()
         for got, want, actor in self.checks:

@@ -1,5 +1,6 @@
-"""Control logic without actors: the rollout queue's dispatch and relaunch, and the driver's verdict on whether
-the engines sampled from the trainer's weights. Fakes stand in for the engines (they only record calls)."""
+"""Control logic without actors: the rollout queue's relaunch (its dispatch: test_pipeline.py), and the driver's
+verdict on whether the engines sampled from the trainer's weights. Fakes stand in for the engines (they only
+record calls)."""
 
 from __future__ import annotations
 
@@ -58,14 +59,6 @@ def test_relaunch_sends_every_step_again_to_the_same_engines_with_the_same_seeds
     assert scored[-2:] == [["e0:0", "e1:0"], ["e0:1", "e1:1"]]  # the new refs went on to the teacher
     q.pop()
     assert q.engine_load == [3, 3]
-
-
-def test_dispatch_fills_the_least_loaded_engine_first() -> None:
-    q = _queue(num_rollouts=1, engines=3)
-    q.engine_load = [2, 0, 1]  # engine 1 was just restarted, engine 0 still works on a lagging batch
-    # loads 2,0,1 -> 2,1,1 -> 2,2,1 -> 2,2,2 -> 3,2,2: ties go to the lower index
-    assert q.assign(4) == [[3], [0, 1], [2]]
-    assert q.engine_load == [2, 0, 1]  # assigning is not launching
 
 
 def _result(lag: int, gap: float) -> StepResult:
