@@ -193,6 +193,8 @@ class SDFTDriver:
             "actor_restart", step=self.step, actors=restarted, error=str(err)[:500], lost_nodes=list(lost.values())
         )
         self.weights.drop()
+        if any(ids for g, _, ids in dead if g is self.actors.rollouts):
+            self.weights.reconnect()
         self.publish_weights()
         self.wait_weights()
         self.queue.relaunch(self.actors.engines, self.actors.teacher_actors)

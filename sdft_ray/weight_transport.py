@@ -152,6 +152,7 @@ class WeightPublisher:
         self.teacher_source = {"ema": "teacher", "student": "student"}.get(kind)
         self.checks: list[tuple[Any, Any, Any]] = []  # (receiver's checksum ref, trainer's, receiver)
         self.verified = 0
+        self.connections = 0  # times the engine transport was set up: 1 at start, +1 after each engine restart
 
     @property
     def seconds(self) -> float:
@@ -159,6 +160,13 @@ class WeightPublisher:
 
     def prepare(self) -> None:
         self.engine_transport.prepare(self.engines)
+        self.connections = 1
+
+    def reconnect(self) -> None:
+        """After engines were restarted: a collective group that held a dead member cannot be reused, and a new
+        engine holds none, so every member joins a fresh one (NCCL); other transports only re-read their plan."""
+        self.engine_transport.prepare(self.engines)
+        self.connections += 1
 
     def publish(self, version: int) -> None:
         """Send the trainer's current weights (version ``version``) to every engine and separate teacher.
