@@ -68,24 +68,32 @@ class StudentLoss:
         )
         t2 = time.perf_counter()
         dev = logits.device
-        ids, mask = pad_right(comps, self.pad)
-        rollout_logp = rollout_logprobs(mb, ids.shape[1])
         out = sdft_loss(
             logits,
-            ids.to(dev),
-            mask.to(dev),
-            divergence_kind=lo.divergence,
-            alpha=lo.jsd_alpha,
+            **self._targets(mb, comps, dev),
             estimator=lo.estimator,
             top_k=lo.top_k,
             topk_support=lo.topk_support,
             topk_tail=lo.topk_tail,
-            rollout_logp=rollout_logp.to(dev) if self.compare_logprobs else None,
-            skip_first=lo.skip_first_tokens,
-            importance_clip=lo.importance_clip,
             **{k: v.to(dev) for k, v in kwargs.items()},
         )
         return out, {"teacher_s": t1 - t0, "forward_s": t2 - t1, "loss_s": time.perf_counter() - t2}
+
+    def _targets(self, mb: list[Sample], comps: list[list[int]], dev: torch.device) -> dict[str, Any]:
+        """What both forms of the SDFT loss take besides the logits: the sampled tokens, their mask, the engine's
+        log-probs of them, and the divergence's settings."""
+        lo = self.cfg.loss
+        ids, mask = pad_right(comps, self.pad)
+        rollout_logp = rollout_logprobs(mb, ids.shape[1])  # checked either way: a missing one is an engine fault
+        return dict(
+            completion_ids=ids.to(dev),
+            completion_mask=mask.to(dev),
+            divergence_kind=lo.divergence,
+            alpha=lo.jsd_alpha,
+            rollout_logp=rollout_logp.to(dev) if self.compare_logprobs else None,
+            skip_first=lo.skip_first_tokens,
+            importance_clip=lo.importance_clip,
+        )
 
     def _sft(self, module: torch.nn.Module, mb: list[Any]) -> tuple[LossOutput, Seconds]:
         t0 = time.perf_counter()
@@ -111,20 +119,12 @@ class StudentLoss:
         assert s_hidden is not None  # same architecture as the teacher, which could be split
         t1 = time.perf_counter()
         dev = s_hidden.device
-        ids, mask = pad_right(comps, self.pad)
-        rollout_logp = rollout_logprobs(mb, ids.shape[1])
         out = chunked_sdft_loss(
             s_hidden,
             t_hidden.to(dev),
             lambda h: lm_head(module, h),
             self.teacher.head,
-            ids.to(dev),
-            mask.to(dev),
-            divergence_kind=lo.divergence,
-            alpha=lo.jsd_alpha,
-            rollout_logp=rollout_logp.to(dev) if self.compare_logprobs else None,
-            skip_first=lo.skip_first_tokens,
-            importance_clip=lo.importance_clip,
+            **self._targets(mb, comps, dev),
             chunk_tokens=lo.chunk_tokens,
         )
         return out, {"forward_s": t1 - t0, "loss_s": time.perf_counter() - t1}
