@@ -32,12 +32,6 @@ class ActorProcess:
         """Also the driver's liveness ping: an answer means the process is up."""
         return os.getpid()
 
-    def node_id(self) -> str:
-        """The Ray node this actor runs on: what a lost node took with it."""
-        import ray
-
-        return ray.get_runtime_context().get_node_id()
-
     def device_memory(self) -> dict[str, float]:
         """Free and total memory of this actor's GPU as the driver sees it (device-wide, every process), in MB."""
         import torch

@@ -280,17 +280,6 @@ class StudentTrainer(ActorProcess, WeightSender):
         if self.cfg.train.zero_stage == 3 and offload is not None:
             offload.get_param_coordinator().reset_step()
 
-    def trace_state(self) -> dict[str, Any]:
-        """ZeRO-3's parameter-fetch trace, for tests: complete (prefetching) or not, and its recorded length."""
-        offload = getattr(self.engine.optimizer, "parameter_offload", None)
-        if offload is None:
-            return {}
-        coord = offload.get_param_coordinator()
-        return {
-            "complete": coord.is_complete_trace(),
-            "recorded": len(coord._PartitionedParameterCoordinator__submodule_order),
-        }
-
     def _grad_norm(self) -> float:
         # accumulated in fp32 without widening a copy of each bf16 gradient first
         norms = [

@@ -190,10 +190,6 @@ def plan_nbytes(meta: Meta) -> int:
     return sum(_padded(_meta_nbytes(dt, shape)) for _, dt, shape in meta)
 
 
-def bucket_meta(bucket: Bucket) -> Meta:
-    return [(n, dtype_name(t.dtype), tuple(t.shape)) for n, t in zip(bucket.names, bucket.tensors, strict=True)]
-
-
 def broadcast_bucket(group: Any, bucket: Bucket) -> None:
     """The trainer's half of an NCCL sync, one bucket: packed, broadcast from rank 0 of the weight group."""
     flat = pack(bucket.tensors)

@@ -73,8 +73,8 @@ def _case(tiny: dict[str, str], out: Path, spare: bool) -> dict:
     while not (out / "checkpoints" / "step-000002" / "COMPLETE").exists():
         assert th.is_alive(), result
         time.sleep(0.05)
-    engine_node = ray.get(d.actors.rollouts.actors[0].node_id.remote())
-    trainer_node = ray.get(d.actors.trainers[0].node_id.remote())
+    node_of = lambda actor: ray.get(actor.__ray_call__.remote(lambda _: ray.get_runtime_context().get_node_id()))
+    engine_node, trainer_node = node_of(d.actors.rollouts.actors[0]), node_of(d.actors.trainers[0])
     victim = next(w for w in workers if w.node_id == engine_node)
     cluster.remove_node(victim, allow_graceful=False)  # SIGKILL: raylet, workers, the engine
     th.join(timeout=600)

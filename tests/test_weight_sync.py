@@ -12,7 +12,6 @@ from actors.trainer import StudentTrainer
 from sdft_ray.weight_sync import (
     WeightSyncError,
     bucket_checksum,
-    bucket_meta,
     dtype_name,
     iter_param_buckets,
     load_bucket_into,
@@ -90,7 +89,10 @@ def test_nccl_plan_matches_actual_buckets(bucket_mb: float) -> None:
         _source=lambda which: (list(m.named_parameters()), 0, None), _bucket_bytes=lambda: int(bucket_mb * 2**20)
     )
     plan = StudentTrainer.sync_plan(fake)
-    sent = [bucket_meta(b) for b in iter_param_buckets(m, int(bucket_mb * 2**20))]
+    sent = [
+        [(n, dtype_name(t.dtype), tuple(t.shape)) for n, t in zip(b.names, b.tensors, strict=True)]
+        for b in iter_param_buckets(m, int(bucket_mb * 2**20))
+    ]
     assert plan == sent
     assert [plan_nbytes(p) for p in plan] == [
         pack(b.tensors).numel() for b in iter_param_buckets(m, int(bucket_mb * 2**20))
