@@ -7,6 +7,7 @@ One command per model; everything it finished is read back from disk, so it is s
 - ``data/train.jsonl``: the training set, the same for every run (written once: a seed-0 shuffle of
   ``bfcl_train.jsonl``, the records whose teacher prompt fits ``data.max_prompt_length``, the first ``--n-train``);
 - ``base/``: the base model scored once on every eval set (greedy scoring of one model gives one answer);
+  ``--base-only`` stops there (a new model's base column before its protocol's runs);
 - ``{sdft,sft}_seed{N}/``: one training run each, with eval points during it (``eval.every``), resumed from its
   last checkpoint when cut off (started again when it has none: ``<run>.lost-<time>/`` keeps what that attempt
   logged); ``DONE.json`` when finished (then only the final student is kept, under ``checkpoints/``);
@@ -355,6 +356,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--gap", nargs="*", choices=[p[0] for p in GAP_PARTS], help="only the teacher-gap table (before any run)"
     )
+    ap.add_argument("--base-only", action="store_true", help="only score the base model (base/), then stop")
     ap.add_argument("overrides", nargs="*", help="key=value, for every run")
     a = ap.parse_args(argv)
     root = Path(a.out)
@@ -373,6 +375,8 @@ def main(argv: list[str] | None = None) -> None:
     drift = drift_reference(cfg, root)
     if _base_drift(root) is None:
         (root / "base" / "drift_nll.json").write_text(json.dumps(drift(cfg.model.path)))
+    if a.base_only:
+        return
     for seed in a.seeds:
         for m in a.methods:
             run_dir = root / f"{m}_seed{seed}"
