@@ -105,3 +105,20 @@ def test_make_evals_writes_the_set(table, tmp_path: Path, capsys) -> None:
     said = json.loads(capsys.readouterr().out)
     assert said["scorer"] == "humaneval" and said["sandbox_network"] == he.network_isolation()
     assert len((tmp_path / "humaneval.jsonl").read_text().splitlines()) == 2
+
+
+def test_the_post_hoc_lenient_reading_closes_only_broken_blocks(table) -> None:
+    """tools/humaneval_lenient: a block closed by two backticks (what v3's SFT students wrote) passes when read
+    leniently and fails as scored; well-formed replies and replies without a block read the same both ways."""
+    from sdft_ray.tools.humaneval_lenient import lenient_reply
+
+    p = table["HumanEval/0"]
+    body = p["prompt"] + p["canonical_solution"]
+    broken, unclosed = f"```python\n{body}``", f"```python\n{body}"
+    assert score_all("humaneval", [broken, unclosed], ["HumanEval/0"] * 2) == [False, False]
+    assert score_all("humaneval", [lenient_reply(broken), lenient_reply(unclosed)], ["HumanEval/0"] * 2) == [
+        True,
+        True,
+    ]
+    for same in (_reply(body), "no code at all", "True"):
+        assert lenient_reply(same) == same
