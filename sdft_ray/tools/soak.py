@@ -85,12 +85,16 @@ def _kill_group(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def _last_step(out: Path) -> int:
+def _lines(out: Path) -> list[str]:
     path = out / "metrics.jsonl"
-    steps = (
-        [json.loads(x).get("step", 0) for x in path.read_text().splitlines() if '"loss"' in x] if path.exists() else []
-    )
-    return max(steps, default=0)
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def _last_step(out: Path, since_line: int) -> int | None:
+    """The last step this launch logged (its lines start at ``since_line``); None before its first step, so that a
+    kill during start-up is not reported at the previous launch's step."""
+    steps = [json.loads(x).get("step", 0) for x in _lines(out)[since_line:] if '"loss"' in x]
+    return max(steps, default=None)
 
 
 def _checkpointing(out: Path) -> bool:
@@ -123,6 +127,7 @@ def soak(out: Path, steps: int, kills: int, seed: int, max_wait_s: float = 60.0)
     while not _done(run, steps):
         attempts += 1
         args = overrides(out, run, steps) + (["train.resume=auto"] if attempts > 1 else [])
+        first_line = len(_lines(run))
         proc = _train(args, out / "soak.log")
         while proc.poll() is None and plan:
             target = plan[0]
@@ -135,7 +140,12 @@ def soak(out: Path, steps: int, kills: int, seed: int, max_wait_s: float = 60.0)
             if proc.poll() is not None or (target.startswith("checkpoint:") and not waited):
                 continue  # finished, or no checkpoint began before the deadline: try again
             role = target.removeprefix("checkpoint:")
-            entry = {"attempt": attempts, "target": role, "at_step": _last_step(run), "checkpoint": _checkpointing(run)}
+            entry = {
+                "attempt": attempts,
+                "target": role,
+                "at_step": _last_step(run, first_line),
+                "checkpoint": _checkpointing(run),
+            }
             if role == "driver":
                 _kill_group(proc)
             else:
@@ -209,12 +219,13 @@ def _markdown(r: dict[str, Any]) -> str:
         f"Final weights equal to the uninterrupted run: {r['final_weights_equal_reference']}. "
         f"Reference {r['reference_s']} s, soak {r['soak_s']} s, {r['machine']}.",
         "",
-        "| # | launch | target | at step | checkpoint in flight | t (s) | run exit |",
+        "| # | launch | target | at step (- = starting) | checkpoint in flight | t (s) | run exit |",
         "|---|---|---|---|---|---|---|",
     ]
     for i, e in enumerate(r["kills"], 1):
         lines.append(
-            f"| {i} | {e['attempt']} | {e['target']} | {e['at_step']} | {e['checkpoint']} | {e['t']} | "
+            f"| {i} | {e['attempt']} | {e['target']} | {'-' if e['at_step'] is None else e['at_step']} | "
+            f"{e['checkpoint']} | {e['t']} | "
             f"{e.get('run_exit', '')} |"
         )
     return "\n".join(lines) + "\n"
