@@ -60,28 +60,32 @@ def _train(args: list[str], log: Path) -> subprocess.Popen:
             env=env,
             stdout=f,
             stderr=subprocess.STDOUT,
-            start_new_session=True,  # its process group holds the driver and every Ray process it starts
+            start_new_session=True,  # its session holds the driver and every Ray process it starts
         )
 
 
-def _group_pids(pgid: int, prefix: str) -> list[int]:
+def _session_pids(sid: int, prefix: str = "") -> list[int]:
+    """Processes of the launch's session whose command starts with ``prefix``: the driver and every Ray process it
+    started. By session, not process group: Ray puts each worker in a process group of its own."""
     import psutil
 
     found = []
     for p in psutil.process_iter(["pid", "cmdline"]):
         try:
-            if os.getpgid(p.info["pid"]) == pgid and (p.info["cmdline"] or [""])[0].startswith(prefix):
+            if os.getsid(p.info["pid"]) == sid and (p.info["cmdline"] or [""])[0].startswith(prefix):
                 found.append(p.info["pid"])
         except (ProcessLookupError, psutil.Error):
             continue
     return found
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+def _kill_session(proc: subprocess.Popen) -> None:
+    """SIGKILL the launch and everything it started, as a lost machine would end them."""
+    for pid in _session_pids(proc.pid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     proc.wait()
 
 
@@ -140,7 +144,7 @@ def soak(out: Path, steps: int, kills: int, seed: int, max_wait_s: float = 8.0) 
                 if target.startswith("checkpoint:") and _checkpointing(run):
                     waited = True
                     break
-                time.sleep(0.02)
+                time.sleep(0.005)  # a tiny checkpoint is on disk for ~20 ms
             if proc.poll() is not None or (target.startswith("checkpoint:") and not waited):
                 continue  # finished, or no checkpoint began before the deadline: try again
             role = target.removeprefix("checkpoint:")
@@ -151,9 +155,9 @@ def soak(out: Path, steps: int, kills: int, seed: int, max_wait_s: float = 8.0) 
                 "checkpoint": _checkpointing(run),
             }
             if role == "driver":
-                _kill_group(proc)
+                _kill_session(proc)
             else:
-                pids = _group_pids(proc.pid, ROLES[role])
+                pids = _session_pids(proc.pid, ROLES[role])
                 if not pids:
                     continue  # not started yet, or between restarts
                 os.kill(rng.choice(pids), signal.SIGKILL)
@@ -161,7 +165,7 @@ def soak(out: Path, steps: int, kills: int, seed: int, max_wait_s: float = 8.0) 
             log.append(entry)
             plan.pop(0)
         code = proc.wait()
-        _kill_group(proc)  # what a failed driver left behind
+        _kill_session(proc)  # what a failed driver left behind
         if log and log[-1]["attempt"] == attempts:
             log[-1]["run_exit"] = code
         if attempts > 5 * kills + 5:
