@@ -197,7 +197,7 @@ class RolloutWorker(ActorProcess):
         return self.backend
 
     def init_weight_group(self, host: str, port: int, rank_offset: int, world_size: int) -> None:
-        self._gpu_backend().init_nccl(host, port, rank_offset, world_size)
+        self._gpu_backend().init_nccl(host, port, rank_offset, world_size, self.cfg.pipeline.sync_timeout_s)
 
     def receive_nccl(self, plan: list[Meta], version: int) -> dict[str, float]:
         """Receive every bucket of ``plan`` from the trainer's NCCL broadcast (runs concurrently with send)."""

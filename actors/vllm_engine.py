@@ -38,7 +38,17 @@ from sdft_ray.config import Config
 from sdft_ray.errors import MissingDependency
 from sdft_ray.modeling import shared_prefix_len, stop_token_ids
 from sdft_ray.precision import resolve_dtype
-from sdft_ray.weight_sync import Bucket, Meta, WeightSyncError, combine_digests, dtype_name, tensor_digests, unpack
+from sdft_ray.weight_sync import (
+    Bucket,
+    GlooGroup,
+    Meta,
+    WeightSyncError,
+    broadcast,
+    combine_digests,
+    dtype_name,
+    tensor_digests,
+    unpack,
+)
 
 _CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)  # vLLM CPU attention kernels
 
@@ -89,7 +99,10 @@ def _layerwise() -> tuple[Any, Any]:
     return initialize_layerwise_reload, finalize_layerwise_reload
 
 
-def stateless_nccl_group(host: str, port: int, rank: int, world_size: int, device: torch.device) -> Any:
+def weight_group(host: str, port: int, rank: int, world_size: int, device: torch.device, timeout_s: float) -> Any:
+    """The collective weight group's member at ``rank``: vLLM's PyNccl on a GPU, gloo on CPU (same broadcast)."""
+    if device.type != "cuda":
+        return GlooGroup(host, port, rank, world_size, timeout_s)
     from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
     from vllm.distributed.utils import StatelessProcessGroup
 
@@ -119,16 +132,15 @@ class WeightReceiver:
         """CPU transport: the tensors are the bucket's own (in-process engine core, nothing serialized)."""
         self._sdft_load(list(zip(names, tensors, strict=True)))
 
-    def sdft_init_nccl(self, host: str, port: int, rank_offset: int, world_size: int) -> None:
+    def sdft_init_nccl(self, host: str, port: int, rank_offset: int, world_size: int, timeout_s: float) -> None:
         from vllm.distributed.parallel_state import get_world_group
 
         rank = get_world_group().rank + rank_offset
-        self._sdft_group = stateless_nccl_group(host, port, rank, world_size, self.device)
+        self._sdft_group = weight_group(host, port, rank, world_size, self.device, timeout_s)
 
     def sdft_recv_nccl(self, meta: Meta, nbytes: int) -> None:
         flat = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
-        self._sdft_group.broadcast(flat, src=0, stream=torch.cuda.current_stream())
-        torch.cuda.current_stream().synchronize()
+        broadcast(self._sdft_group, flat)
         self._sdft_load(unpack(flat, meta))
 
     def sdft_recv_ipc(self, handles: dict[str, Any], meta: Meta) -> None:
@@ -244,8 +256,8 @@ class VLLMGenerator:
         self._begin(verify)
         self.llm.collective_rpc("sdft_load", args=(bucket.names, bucket.tensors))
 
-    def init_nccl(self, host: str, port: int, rank_offset: int, world_size: int) -> None:
-        self.llm.collective_rpc("sdft_init_nccl", args=(host, port, rank_offset, world_size))
+    def init_nccl(self, host: str, port: int, rank_offset: int, world_size: int, timeout_s: float) -> None:
+        self.llm.collective_rpc("sdft_init_nccl", args=(host, port, rank_offset, world_size, timeout_s))
 
     def recv_nccl(self, meta: Meta, nbytes: int, verify: bool) -> None:
         self._begin(verify)

@@ -75,12 +75,15 @@ class WeightSender:
         ]
 
     def init_weight_group(self, host: str, port: int, world_size: int) -> None:
-        """Rank 0 joins the NCCL weight group as its source (rank 0 of the group); the engines join too."""
-        from actors.vllm_engine import stateless_nccl_group
+        """Rank 0 joins the collective weight group as its source (rank 0 of the group); the engines join too.
+        Called again after an engine restart: the new group replaces the one that held the dead member."""
+        from actors.vllm_engine import weight_group
 
         if self.rank == 0:
-            device = torch.device("cuda", torch.cuda.current_device())
-            self._weight_group = stateless_nccl_group(host, port, 0, world_size, device)
+            cuda = torch.cuda.is_available()
+            device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+            timeout = self.cfg.pipeline.sync_timeout_s
+            self._weight_group = weight_group(host, port, 0, world_size, device, timeout)
 
     def send_nccl(self, which: str = "student") -> None:
         named, stage, transform = self._source(which)

@@ -219,7 +219,8 @@ class PipelineConfig:
     # when the receivers have loaded an earlier one); 0 = no bound: the whole model is queued in the store at
     # once, which lets a sync wait behind in-flight rollouts without holding up the driver (staleness >= 1)
     sync_inflight_buckets: int = 2
-    # auto: CUDA IPC when trainer and engine share a GPU, NCCL when they do not, the object store on CPU
+    # auto: CUDA IPC when trainer and engine share a GPU, NCCL when they do not, the object store on CPU;
+    # nccl set explicitly with no GPU on either side runs the same broadcast group over gloo
     weight_transport: Literal["auto", "object_store", "nccl", "ipc"] = "auto"
     sync_timeout_s: float = 600.0
     call_timeout_s: float = 1800.0  # any remote call that could hang

@@ -74,12 +74,12 @@ def _check_transport(cfg: Config) -> None:
     t, r, kind = cfg.train, cfg.rollout, cfg.weight_transport
     if kind in ("nccl", "ipc"):
         need(r.backend == "vllm", f"pipeline.weight_transport={kind} needs rollout.backend=vllm")
+    if kind == "ipc":
         need(
             r.num_gpus > 0 and t.num_gpus > 0,
-            f"pipeline.weight_transport={kind} moves CUDA tensors: set rollout.num_gpus and "
-            "train.num_gpus, or use object_store on CPU",
+            "pipeline.weight_transport=ipc moves CUDA tensors: set rollout.num_gpus and train.num_gpus, or use "
+            "object_store on CPU",
         )
-    if kind == "ipc":
         # only trainer rank 0's CUDA memory handles are shipped, and they open only on that GPU
         need(
             r.num_engines == 1 and r.tensor_parallel_size == 1,
@@ -92,8 +92,9 @@ def _check_transport(cfg: Config) -> None:
             f"({r.num_gpus:g}) + train.num_gpus ({t.num_gpus:g}) must be <= 1",
         )
     if kind == "nccl":
+        # on CPU (no GPU on either side) the same broadcast group runs over gloo
         need(
-            r.num_gpus >= 1 and t.num_gpus >= 1,
+            (r.num_gpus >= 1 and t.num_gpus >= 1) or (r.num_gpus == 0 and t.num_gpus == 0),
             "pipeline.weight_transport=nccl needs whole GPUs per trainer and engine (NCCL cannot put two ranks "
-            "on one GPU); a shared GPU uses ipc",
+            "on one GPU; a shared GPU uses ipc), or no GPU on either side (then it runs over gloo)",
         )

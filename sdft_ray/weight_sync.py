@@ -190,11 +190,41 @@ def plan_nbytes(meta: Meta) -> int:
     return sum(_padded(_meta_nbytes(dt, shape)) for _, dt, shape in meta)
 
 
+class GlooGroup:
+    """The weight group on CPU: PyNccl's ``broadcast(tensor, src)`` over gloo, in a process group of its own
+    (a TCP store at rank 0's address; nothing global is initialized, so it can be rebuilt after a restart like
+    the NCCL one). It lets the collective transport run where there is no GPU: CPU clusters, and CI."""
+
+    def __init__(self, host: str, port: int, rank: int, world_size: int, timeout_s: float) -> None:
+        from datetime import timedelta
+
+        import torch.distributed as dist
+
+        timeout = timedelta(seconds=timeout_s)
+        self.store = dist.TCPStore(host, port, world_size, is_master=rank == 0, timeout=timeout)
+        self.group = dist.ProcessGroupGloo(self.store, rank, world_size, timeout)
+
+    def broadcast(self, tensor: torch.Tensor, src: int, stream: Any = None) -> None:
+        import torch.distributed as dist
+
+        opts = dist.BroadcastOptions()
+        opts.rootRank = src
+        self.group.broadcast([tensor], opts).wait()
+
+
+def broadcast(group: Any, flat: torch.Tensor) -> None:
+    """One packed bucket through the weight group from rank 0, the trainer: on a GPU on the current stream and
+    complete on return, as PyNccl's receivers expect; on CPU gloo's ``wait`` is the completion."""
+    if flat.is_cuda:
+        group.broadcast(flat, src=0, stream=torch.cuda.current_stream())
+        torch.cuda.current_stream().synchronize()
+    else:
+        group.broadcast(flat, src=0)
+
+
 def broadcast_bucket(group: Any, bucket: Bucket) -> None:
-    """The trainer's half of an NCCL sync, one bucket: packed, broadcast from rank 0 of the weight group."""
-    flat = pack(bucket.tensors)
-    group.broadcast(flat, src=0, stream=torch.cuda.current_stream())
-    torch.cuda.current_stream().synchronize()
+    """The trainer's half of a collective sync, one bucket: packed, broadcast from rank 0 of the weight group."""
+    broadcast(group, pack(bucket.tensors))
 
 
 def ipc_handles(flat: torch.Tensor) -> dict[str, Any]:

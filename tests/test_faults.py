@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import ray
 import torch
-from conftest import BACKENDS, tiny_overrides
+from conftest import BACKENDS, requires_vllm, tiny_overrides
 
 from sdft_ray import checkpoint as ckpt
 from sdft_ray.config import load_config
@@ -129,6 +129,35 @@ def test_rollout_actor_killed_is_restarted_and_resynced(tiny, ray_cluster, tmp_p
     # the restarted engine got the current weights (checked against the trainer at every sync), through a
     # transport set up again with it (NCCL needs a new group; on CPU the object store has nothing to set up)
     assert res["summary"]["weights_verified"] >= 11 and seen["driver"].weights.connections == 2
+
+
+@requires_vllm
+def test_engine_killed_under_the_collective_transport_rejoins_a_new_group(tiny, ray_cluster, tmp_path: Path) -> None:
+    """pipeline.weight_transport=nccl on CPU runs the same group logic over gloo: a restarted engine cannot join
+    the group that held its dead predecessor, so recovery builds a new one with every member, and every later
+    sync is proven by checksum."""
+    seen: dict = {}
+
+    def kill_rollout(d: SDFTDriver) -> None:
+        seen["driver"] = d
+        os.kill(ray.get(d.actors.rollouts.actors[0].pid.remote()), signal.SIGKILL)
+
+    res = _run_with(
+        tiny,
+        tmp_path,
+        kill_rollout,
+        train__steps=8,
+        rollout__max_new_tokens=24,
+        rollout__backend="vllm",
+        pipeline__weight_transport="nccl",
+        pipeline__verify_weight_checksums=True,
+        pipeline__sync_timeout_s=60,  # a member missing from the group fails the run in a minute, not ten
+    )
+    assert "error" not in res, res.get("error")
+    publisher = seen["driver"].weights
+    assert type(publisher.engine_transport).__name__ == "NcclTransport"
+    assert res["summary"]["steps"] == 8 and res["summary"]["restarts"] == 1 and publisher.connections == 2
+    assert res["summary"]["weights_verified"] >= 9
 
 
 def test_trainer_killed_fails_fast_with_resume_hint(tiny, ray_cluster, tmp_path: Path) -> None:
