@@ -19,15 +19,7 @@ from typing import Any
 
 from sdft_ray import checkpoint as ckpt
 from sdft_ray import eval_points
-from sdft_ray.cluster import (
-    alive_nodes,
-    check_resources,
-    dead_actors,
-    describe_nodes,
-    get,
-    init_ray,
-    trainer_bundles,
-)
+from sdft_ray.cluster import alive_nodes, check_resources, dead_actors, describe_nodes, get, init_ray, trainer_bundles
 from sdft_ray.config import Config
 from sdft_ray.data import LoadReport, PromptSampler, load_examples, tokenize_examples
 from sdft_ray.ds_config import samples_per_step
@@ -193,12 +185,15 @@ class SDFTDriver:
             "actor_restart", step=self.step, actors=restarted, error=str(err)[:500], lost_nodes=list(lost.values())
         )
         self.weights.drop()
-        if any(ids for g, _, ids in dead if g is self.actors.rollouts):
-            self.weights.reconnect()
-        self.publish_weights()
-        self.wait_weights()
-        self.queue.relaunch(self.actors.engines, self.actors.teacher_actors)
         self.nodes = now
+        try:
+            if any(ids for g, _, ids in dead if g is self.actors.rollouts):
+                self.weights.reconnect()
+            self.publish_weights()
+            self.wait_weights()
+            self.queue.relaunch(self.actors.engines, self.actors.teacher_actors)
+        except (ray.exceptions.RayError, WeightSyncTimeout) as again:  # another death while catching up
+            self.recover(again)  # bounded: each round restarts an actor or raises
 
     def check_engine_weights(self, results: list[StepResult]) -> None:
         """Stop when the engines did not sample from the trainer's weights: a sync that never arrived (the
