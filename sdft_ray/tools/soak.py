@@ -109,7 +109,7 @@ def _done(out: Path, steps: int) -> bool:
     return (out / "checkpoints" / f"step-{steps:06d}" / "COMPLETE").exists()
 
 
-def soak(out: Path, steps: int, kills: int, seed: int, max_wait_s: float = 8.0) -> dict[str, Any]:
+def soak(out: Path, steps: int, kills: int, seed: int, max_wait_s: float = 3.0) -> dict[str, Any]:
     rng = random.Random(seed)
     reference, run = out / "reference", out / "soak"
     out.mkdir(parents=True, exist_ok=True)
@@ -170,14 +170,22 @@ def soak(out: Path, steps: int, kills: int, seed: int, max_wait_s: float = 8.0) 
             log[-1]["run_exit"] = code
         if attempts > 5 * kills + 5:
             raise SystemExit(f"{attempts} attempts and the soak run has not finished: {out / 'soak.log'}")
-    result = _report(out, reference, run, steps, log, attempts, reference_s, time.time() - t1)
+    result = _report(out, reference, run, steps, kills, log, attempts, reference_s, time.time() - t1)
     (out / "soak.json").write_text(json.dumps(result, indent=1))
     (out / "soak.md").write_text(_markdown(result))
     return result
 
 
 def _report(
-    out: Path, reference: Path, run: Path, steps: int, log: list[dict], attempts: int, ref_s: float, soak_s: float
+    out: Path,
+    reference: Path,
+    run: Path,
+    steps: int,
+    kills: int,
+    log: list[dict],
+    attempts: int,
+    ref_s: float,
+    soak_s: float,
 ) -> dict[str, Any]:
     from safetensors.torch import load_file
 
@@ -198,6 +206,7 @@ def _report(
         "steps": steps,
         "kills": log,
         "kills_survived": len(log),
+        "kills_planned": kills,
         "by_target": {t: sum(e["target"] == t for e in log) for t in ("rollout", "trainer", "driver")},
         "during_checkpoint": sum(e["checkpoint"] for e in log),
         "attempts": attempts,
@@ -220,7 +229,8 @@ def _machine() -> str:
 
 def _markdown(r: dict[str, Any]) -> str:
     lines = [
-        f"Soak: {r['steps']} steps, {r['kills_survived']} SIGKILLs survived ({r['by_target']}; "
+        f"Soak: {r['steps']} steps, {r['kills_survived']} SIGKILLs survived of {r['kills_planned']} planned (the run "
+        f"ends the plan when it finishes first; {r['by_target']}; "
         f"{r['during_checkpoint']} during a checkpoint), {r['attempts']} launches, resumed from steps "
         f"{r['resumed_from_steps']}, {r['steps_trained_again']} steps trained again, {r['engine_restarts_logged']} "
         f"engine restarts logged; weight syncs are {100 * r['weight_sync_share_of_step_time']:.1f}% of step time. "
