@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--max-wait",
         type=float,
-        default=8.0,
+        default=3.0,
         help="longest pause (s) from a launch's first step or the last kill to the next kill",
     )
     a = ap.parse_args(argv)
