@@ -43,12 +43,11 @@ from sdft_ray.weight_sync import (
     GlooGroup,
     Meta,
     WeightSyncError,
-    broadcast,
     combine_digests,
     dtype_name,
     tensor_digests,
-    unpack,
 )
+from sdft_ray.weight_transport import CudaIpcTransport, NcclTransport
 
 _CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)  # vLLM CPU attention kernels
 
@@ -132,32 +131,18 @@ class WeightReceiver:
         """CPU transport: the tensors are the bucket's own (in-process engine core, nothing serialized)."""
         self._sdft_load(list(zip(names, tensors, strict=True)))
 
+    # the engine's ends of the GPU transports live with the rest of each in sdft_ray/weight_transport.py
     def sdft_init_nccl(self, host: str, port: int, rank_offset: int, world_size: int, timeout_s: float) -> None:
         from vllm.distributed.parallel_state import get_world_group
 
         rank = get_world_group().rank + rank_offset
-        self._sdft_group = weight_group(host, port, rank, world_size, self.device, timeout_s)
+        NcclTransport.receiver_join(self, weight_group, host, port, rank, world_size, timeout_s)
 
     def sdft_recv_nccl(self, meta: Meta, nbytes: int) -> None:
-        flat = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
-        broadcast(self._sdft_group, flat)
-        self._sdft_load(unpack(flat, meta))
+        NcclTransport.receiver_take(self, meta, nbytes)
 
     def sdft_recv_ipc(self, handles: dict[str, Any], meta: Meta) -> None:
-        from torch.multiprocessing.reductions import rebuild_cuda_tensor
-
-        # handles are keyed by the physical GPU uuid so each TP worker opens the one on its own device
-        uuid = str(torch.cuda.get_device_properties(self.device).uuid)
-        if uuid not in handles:
-            raise WeightSyncError(f"no CUDA IPC handle for this engine's GPU {uuid}: it must share the trainer's GPU")
-        func, args = handles[uuid]
-        if func is not rebuild_cuda_tensor:
-            raise WeightSyncError("unexpected CUDA IPC handle")
-        args = list(args)
-        args[6] = self.device.index  # the sender's device index means nothing in this process
-        flat = func(*args)
-        self._sdft_load(unpack(flat, meta))
-        torch.cuda.synchronize()
+        CudaIpcTransport.receiver_open(self, handles, meta)
 
     def _sdft_load(self, named: list[tuple[str, torch.Tensor]]) -> None:
         self._sdft_model().load_weights(weights=named)

@@ -1,9 +1,9 @@
-"""The trainer's end of every weight transport: its weights as buckets, for engines and separate teachers.
+"""The trainer as a weight sender: its weights as buckets, for engines and separate teachers.
 
-A mixin of ``StudentTrainer`` (Ray calls these as the actor's methods): the object store gets one bucket per
-call (``publish_bucket``), CUDA IPC one handle per bucket (``ipc_bucket``), NCCL one broadcast of all of them
-(``send_nccl``). The driver's side of each transport is ``sdft_ray/weight_transport.py``, the engines' side
-``actors/vllm_engine.py``; the wire format ``sdft_ray/weight_sync.py``.
+A mixin of ``StudentTrainer`` (Ray calls these as the actor's methods). What each transport does on the
+trainer's side lives with the rest of that transport in ``sdft_ray/weight_transport.py`` (``sender_*``); here
+are the one-line actor methods that run it, the bucket plan the GPU transports share, and the checksums the
+driver compares receivers with. The wire format is ``sdft_ray/weight_sync.py``.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from actors.vllm_engine import weight_group
 from sdft_ray import lora
 from sdft_ray.config import Config
 from sdft_ray.weight_sync import (
@@ -19,16 +20,12 @@ from sdft_ray.weight_sync import (
     Meta,
     Named,
     Transform,
-    broadcast_bucket,
-    bucket_checksum,
     bucket_groups,
     dtype_name,
-    gather_bucket,
-    ipc_handles,
     iter_param_buckets,
     model_checksum,
-    pack,
 )
+from sdft_ray.weight_transport import CudaIpcTransport, NcclTransport, ObjectStoreTransport
 
 
 class WeightSender:
@@ -45,24 +42,14 @@ class WeightSender:
     def _bucket_bytes(self) -> int:
         return int(self.cfg.pipeline.sync_bucket_mb * 2**20)
 
+    # each transport's trainer end lives with the rest of it in sdft_ray/weight_transport.py
     def num_buckets(self, which: str = "student") -> int:
-        return len(bucket_groups(self._source(which)[0], self._bucket_bytes()))
+        return ObjectStoreTransport.sender_count(self, which)
 
     def publish_bucket(self, which: str, index: int) -> Bucket | None:
-        """Bucket ``index`` of the current weights, as this call's return value: Ray keeps it in the object
-        store for as long as the driver holds the reference, so the driver bounds how many exist at once.
+        return ObjectStoreTransport.sender_publish(self, which, index)
 
-        Every rank must call this under ZeRO-3 (the gather is collective); ranks > 0 return None.
-        """
-        named, stage, transform = self._source(which)
-        b = gather_bucket(bucket_groups(named, self._bucket_bytes())[index], stage, transform=transform)
-        if self.rank != 0:
-            return None
-        if self.cfg.pipeline.verify_weight_checksums:
-            b.checksum = bucket_checksum(b.names, b.tensors)
-        return b
-
-    # GPU transports (vLLM engines): NCCL broadcast or CUDA IPC, one flat buffer per bucket
+    # the bucket plan both GPU transports (NCCL, CUDA IPC) send by
     def sync_plan(self, which: str = "student") -> list[Meta]:
         """Bucket layout (names, dtypes, full shapes) without gathering: engines allocate before the send."""
         named, _, _ = self._source(which)
@@ -75,36 +62,16 @@ class WeightSender:
         ]
 
     def init_weight_group(self, host: str, port: int, world_size: int) -> None:
-        """Rank 0 joins the collective weight group as its source (rank 0 of the group); the engines join too.
-        Called again after an engine restart: the new group replaces the one that held the dead member."""
-        from actors.vllm_engine import weight_group
-
-        if self.rank == 0:
-            cuda = torch.cuda.is_available()
-            device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
-            timeout = self.cfg.pipeline.sync_timeout_s
-            self._weight_group = weight_group(host, port, 0, world_size, device, timeout)
+        NcclTransport.sender_join(self, weight_group, host, port, world_size)
 
     def send_nccl(self, which: str = "student") -> None:
-        named, stage, transform = self._source(which)
-        for b in iter_param_buckets(named, self._bucket_bytes(), stage, to_cpu=False, transform=transform):
-            if self.rank == 0:
-                broadcast_bucket(self._weight_group, b)
+        NcclTransport.sender_broadcast(self, which)
 
     def ipc_bucket(self, i: int, which: str = "student") -> dict[str, Any]:
-        """CUDA IPC handle of bucket ``i`` packed on this GPU; kept alive until the next call or ipc_done."""
-        if i == 0:  # one pass over the buckets per sync; only the current one is materialized
-            named, stage, transform = self._source(which)
-            self._ipc_iter = iter_param_buckets(named, self._bucket_bytes(), stage, to_cpu=False, transform=transform)
-        bucket = next(self._ipc_iter)
-        self._ipc_flat = pack(bucket.tensors)
-        torch.cuda.synchronize()
-        return ipc_handles(self._ipc_flat)
+        return CudaIpcTransport.sender_share(self, i, which)
 
     def ipc_done(self) -> None:
-        self._ipc_flat, self._ipc_iter = None, None
-        if torch.cuda.is_available():
-            torch.cuda.ipc_collect()  # release the shared buckets the engine has closed (as vLLM and verl do)
+        CudaIpcTransport.sender_release(self)
 
     def buckets(self, which: str = "student") -> list[Bucket]:
         """The same buckets, in-process (used by GPU transports and tests)."""

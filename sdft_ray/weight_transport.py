@@ -1,20 +1,22 @@
-"""Moving the trainer's weights into the rollout engines and separate teachers: the driver's side of it.
+"""Moving the trainer's weights into the rollout engines and separate teachers: each transport in one class.
 
-Every transport has one shape, as verl's checkpoint engines do: ``prepare`` once every actor is up, then per
-sync ``send`` (queue the transfer of one weight version; returns at once where the transport allows) and
-``wait`` (block until it landed; returns its seconds). All transports cut the weights into the same buckets
-(``weight_sync.bucket_groups``, used by sender and receiver alike):
+Every transport has one shape, as verl's checkpoint engines do: ``prepare`` once every actor is up (and again,
+``WeightPublisher.reconnect``, after an engine restart), then per sync ``send`` (queue the transfer of one weight
+version; returns at once where the transport allows) and ``wait`` (block until it landed; returns its seconds).
+Each class also holds its other ends as static methods, run inside the trainer (its ``sender_*``, called by
+``actors/weight_sender.py``'s one-line actor methods) and inside the engine (``receiver_*``, called by the vLLM
+worker extension in ``actors/vllm_engine.py``), so one transport is read in one place. All cut the weights into
+the same buckets (``weight_sync.bucket_groups``):
 
   ObjectStoreTransport  CPU, and separate teachers everywhere: trainer publishes bucket i as a Ray object,
                         each receiver loads it; at most ``pipeline.sync_inflight_buckets`` exist at once.
   CudaIpcTransport      an engine on the trainer's GPU: per bucket, a CUDA IPC handle of the packed bucket.
-  NcclTransport         engines on GPUs of their own: one NCCL broadcast per bucket into every engine.
+  NcclTransport         engines on GPUs of their own: one broadcast per bucket into every engine, in a group
+                        rebuilt with every member after an engine restart (gloo when there is no GPU).
 
 ``WeightPublisher`` decides which receiver gets which transport and proves, on every sync with
 ``pipeline.verify_weight_checksums`` and every ``pipeline.verify_weights_every``-th otherwise, that what arrived
-equals what the trainer holds. The trainer's half lives
-in ``actors/trainer.py`` (``publish_bucket``, ``send_nccl``, ``ipc_bucket``), the engines' in
-``actors/rollout.py`` (``receive_*``) and the vLLM calls in ``actors/vllm_engine.py``.
+equals what the trainer holds.
 """
 
 from __future__ import annotations
@@ -86,6 +88,28 @@ class ObjectStoreTransport(WeightTransport):
                 self._get(inflight.popleft(), "weight sync")
         self.pending += [ref for refs in inflight for ref in refs]  # the tail: waited for in wait()
 
+    # the trainer's end; the receivers' is the backends' generic ``load_bucket`` (HF and vLLM, engines and teachers)
+    @staticmethod
+    def sender_count(sender: Any, which: str) -> int:
+        from sdft_ray.weight_sync import bucket_groups
+
+        return len(bucket_groups(sender._source(which)[0], sender._bucket_bytes()))
+
+    @staticmethod
+    def sender_publish(sender: Any, which: str, index: int) -> Any:
+        """Bucket ``index`` of the current weights, as the actor call's return value: Ray keeps it in the object
+        store for as long as the driver holds the reference, so the driver bounds how many exist at once.
+        Every rank must call this under ZeRO-3 (the gather is collective); ranks > 0 return None."""
+        from sdft_ray.weight_sync import bucket_checksum, bucket_groups, gather_bucket
+
+        named, stage, transform = sender._source(which)
+        b = gather_bucket(bucket_groups(named, sender._bucket_bytes())[index], stage, transform=transform)
+        if sender.rank != 0:
+            return None
+        if sender.cfg.pipeline.verify_weight_checksums:
+            b.checksum = bucket_checksum(b.names, b.tensors)
+        return b
+
 
 class CudaIpcTransport(WeightTransport):
     """Synchronous: the engine opens each handle while the trainer keeps that bucket alive."""
@@ -101,6 +125,50 @@ class CudaIpcTransport(WeightTransport):
         self._get([tr.ipc_done.remote() for tr in self.trainers], "ipc weight sync")
         self._get([e.finish_update.remote(version) for e in receivers], "ipc weight sync")
         self.seconds = time.perf_counter() - t0
+
+    @staticmethod
+    def sender_share(sender: Any, i: int, which: str) -> dict[str, Any]:
+        """The trainer's end: a CUDA IPC handle of bucket ``i`` packed on its GPU, kept alive until the next call
+        or ``sender_release``; one pass over the buckets per sync, only the current one materialized."""
+        import torch
+
+        from sdft_ray.weight_sync import ipc_handles, iter_param_buckets, pack
+
+        if i == 0:
+            named, stage, transform = sender._source(which)
+            nbytes = sender._bucket_bytes()
+            sender._ipc_iter = iter_param_buckets(named, nbytes, stage, to_cpu=False, transform=transform)
+        sender._ipc_flat = pack(next(sender._ipc_iter).tensors)
+        torch.cuda.synchronize()
+        return ipc_handles(sender._ipc_flat)
+
+    @staticmethod
+    def sender_release(sender: Any) -> None:
+        import torch
+
+        sender._ipc_flat, sender._ipc_iter = None, None
+        if torch.cuda.is_available():
+            torch.cuda.ipc_collect()  # release the shared buckets the engine has closed (as vLLM and verl do)
+
+    @staticmethod
+    def receiver_open(worker: Any, handles: dict[str, Any], meta: Any) -> None:
+        """The engine's end, in each vLLM worker: open the handle made on this worker's GPU and load it."""
+        import torch
+        from torch.multiprocessing.reductions import rebuild_cuda_tensor
+
+        from sdft_ray.weight_sync import unpack
+
+        # handles are keyed by the physical GPU uuid so each TP worker opens the one on its own device
+        uuid = str(torch.cuda.get_device_properties(worker.device).uuid)
+        if uuid not in handles:
+            raise WeightSyncError(f"no CUDA IPC handle for this engine's GPU {uuid}: it must share the trainer's GPU")
+        func, args = handles[uuid]
+        if func is not rebuild_cuda_tensor:
+            raise WeightSyncError("unexpected CUDA IPC handle")
+        args = list(args)
+        args[6] = worker.device.index  # the sender's device index means nothing in this process
+        worker._sdft_load(unpack(func(*args), meta))
+        torch.cuda.synchronize()
 
 
 class NcclTransport(WeightTransport):
@@ -129,6 +197,46 @@ class NcclTransport(WeightTransport):
             self._get(self.sends, "weight send")
             self.sends = []
         return seconds
+
+    @staticmethod
+    def sender_join(sender: Any, weight_group: Any, host: str, port: int, world_size: int) -> None:
+        """The trainer's end: rank 0 joins the group as its source (rank 0 of it). Called again after an engine
+        restart: the new group replaces the one that held the dead member. ``weight_group`` builds a member (the
+        vLLM adapter's: PyNccl on a GPU, gloo on CPU)."""
+        import torch
+
+        if sender.rank == 0:
+            cuda = torch.cuda.is_available()
+            device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+            timeout = sender.cfg.pipeline.sync_timeout_s
+            sender._weight_group = weight_group(host, port, 0, world_size, device, timeout)
+
+    @staticmethod
+    def sender_broadcast(sender: Any, which: str) -> None:
+        """Every bucket, gathered on every rank (collective under ZeRO-3), broadcast by rank 0."""
+        from sdft_ray.weight_sync import broadcast_bucket, iter_param_buckets
+
+        named, stage, transform = sender._source(which)
+        for b in iter_param_buckets(named, sender._bucket_bytes(), stage, to_cpu=False, transform=transform):
+            if sender.rank == 0:
+                broadcast_bucket(sender._weight_group, b)
+
+    @staticmethod
+    def receiver_join(
+        worker: Any, weight_group: Any, host: str, port: int, rank: int, world_size: int, timeout_s: float
+    ) -> None:
+        """The engine's end, in each vLLM worker (``rank``: the engine's offset plus the worker's TP rank)."""
+        worker._sdft_group = weight_group(host, port, rank, world_size, worker.device, timeout_s)
+
+    @staticmethod
+    def receiver_take(worker: Any, meta: Any, nbytes: int) -> None:
+        import torch
+
+        from sdft_ray.weight_sync import broadcast, unpack
+
+        flat = torch.empty(nbytes, dtype=torch.uint8, device=worker.device)
+        broadcast(worker._sdft_group, flat)
+        worker._sdft_load(unpack(flat, meta))
 
 
 TRANSPORTS: dict[str, type[WeightTransport]] = {
