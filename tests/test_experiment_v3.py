@@ -73,3 +73,33 @@ def test_runner_reads_finished_runs_back_and_rebuilds_tables(tiny, ray_cluster, 
     assert json.loads((out / "sft_seed0" / "DONE.json").read_text())["steps"] == 2  # trained again, from step 0
     lost = [p for p in out.iterdir() if p.name.startswith("sft_seed0.lost-")]
     assert len(lost) == 1 and (lost[0] / "metrics.jsonl").is_file()  # the lost attempt's log kept beside it
+
+
+@pytest.mark.parametrize(
+    ("official", "plain", "chosen"), [(0.31, 0.64, "plain"), (0.5, 0.5, "official"), (0.7, 0.2, "official")]
+)
+def test_the_template_rule_picks_the_more_accurate_sampled_teacher_official_on_a_tie(
+    tmp_path: Path, official: float, plain: float, chosen: str
+) -> None:
+    """tools/v3_template applies the protocol's rule to the gap table and writes a config that loads."""
+    from sdft_ray.config import load_config
+    from sdft_ray.tools import v3_template
+
+    root = tmp_path / "v3_model"
+    root.mkdir()
+    for name, acc in (("official", official), ("plain", plain)):
+        table = {
+            f"{root}/data/gap40.jsonl": {"teacher_sampled_accuracy": acc, "scorer": "bfcl"},
+            "data/evals/bfcl_simple_python_eval.jsonl": {"teacher_sampled_accuracy": 1.0 - acc, "scorer": "bfcl"},
+            "_template": experiment_v3.TEMPLATES[name],
+        }
+        (root / f"gap_{name}_bfcl.json").write_text(json.dumps(table))
+    out = Path("configs") / f"_test_v3_template_{chosen}_{official}.yaml"  # beside v3_qwen0.5b.yaml, which it extends
+    try:
+        assert v3_template.write_config(root, out) == chosen
+        cfg = load_config(str(out))
+    finally:
+        out.unlink(missing_ok=True)
+    assert cfg.data.teacher_template == experiment_v3.TEMPLATES[chosen]
+    assert cfg.model.lora.rank == 16 and cfg.model.lora.alpha == 32 and cfg.train.lr == 2.0e-4
+    assert cfg.eval.sets and cfg.data.max_prompt_length == 768  # the rest is the 0.5B's protocol
