@@ -25,9 +25,23 @@ import time
 from collections import deque
 from typing import Any
 
+import torch
+from torch.multiprocessing.reductions import rebuild_cuda_tensor
+
 from sdft_ray.cluster import get
 from sdft_ray.config import Config
 from sdft_ray.errors import WeightSyncError, WeightSyncTimeout
+from sdft_ray.weight_sync import (
+    broadcast,
+    broadcast_bucket,
+    bucket_checksum,
+    bucket_groups,
+    gather_bucket,
+    ipc_handles,
+    iter_param_buckets,
+    pack,
+    unpack,
+)
 
 
 class WeightTransport:
@@ -91,8 +105,6 @@ class ObjectStoreTransport(WeightTransport):
     # the trainer's end; the receivers' is the backends' generic ``load_bucket`` (HF and vLLM, engines and teachers)
     @staticmethod
     def sender_count(sender: Any, which: str) -> int:
-        from sdft_ray.weight_sync import bucket_groups
-
         return len(bucket_groups(sender._source(which)[0], sender._bucket_bytes()))
 
     @staticmethod
@@ -100,8 +112,6 @@ class ObjectStoreTransport(WeightTransport):
         """Bucket ``index`` of the current weights, as the actor call's return value: Ray keeps it in the object
         store for as long as the driver holds the reference, so the driver bounds how many exist at once.
         Every rank must call this under ZeRO-3 (the gather is collective); ranks > 0 return None."""
-        from sdft_ray.weight_sync import bucket_checksum, bucket_groups, gather_bucket
-
         named, stage, transform = sender._source(which)
         b = gather_bucket(bucket_groups(named, sender._bucket_bytes())[index], stage, transform=transform)
         if sender.rank != 0:
@@ -130,10 +140,6 @@ class CudaIpcTransport(WeightTransport):
     def sender_share(sender: Any, i: int, which: str) -> dict[str, Any]:
         """The trainer's end: a CUDA IPC handle of bucket ``i`` packed on its GPU, kept alive until the next call
         or ``sender_release``; one pass over the buckets per sync, only the current one materialized."""
-        import torch
-
-        from sdft_ray.weight_sync import ipc_handles, iter_param_buckets, pack
-
         if i == 0:
             named, stage, transform = sender._source(which)
             nbytes = sender._bucket_bytes()
@@ -144,8 +150,6 @@ class CudaIpcTransport(WeightTransport):
 
     @staticmethod
     def sender_release(sender: Any) -> None:
-        import torch
-
         sender._ipc_flat, sender._ipc_iter = None, None
         if torch.cuda.is_available():
             torch.cuda.ipc_collect()  # release the shared buckets the engine has closed (as vLLM and verl do)
@@ -153,11 +157,6 @@ class CudaIpcTransport(WeightTransport):
     @staticmethod
     def receiver_open(worker: Any, handles: dict[str, Any], meta: Any) -> None:
         """The engine's end, in each vLLM worker: open the handle made on this worker's GPU and load it."""
-        import torch
-        from torch.multiprocessing.reductions import rebuild_cuda_tensor
-
-        from sdft_ray.weight_sync import unpack
-
         # handles are keyed by the physical GPU uuid so each TP worker opens the one on its own device
         uuid = str(torch.cuda.get_device_properties(worker.device).uuid)
         if uuid not in handles:
@@ -203,8 +202,6 @@ class NcclTransport(WeightTransport):
         """The trainer's end: rank 0 joins the group as its source (rank 0 of it). Called again after an engine
         restart: the new group replaces the one that held the dead member. ``weight_group`` builds a member (the
         vLLM adapter's: PyNccl on a GPU, gloo on CPU)."""
-        import torch
-
         if sender.rank == 0:
             cuda = torch.cuda.is_available()
             device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
@@ -214,8 +211,6 @@ class NcclTransport(WeightTransport):
     @staticmethod
     def sender_broadcast(sender: Any, which: str) -> None:
         """Every bucket, gathered on every rank (collective under ZeRO-3), broadcast by rank 0."""
-        from sdft_ray.weight_sync import broadcast_bucket, iter_param_buckets
-
         named, stage, transform = sender._source(which)
         for b in iter_param_buckets(named, sender._bucket_bytes(), stage, to_cpu=False, transform=transform):
             if sender.rank == 0:
@@ -230,10 +225,6 @@ class NcclTransport(WeightTransport):
 
     @staticmethod
     def receiver_take(worker: Any, meta: Any, nbytes: int) -> None:
-        import torch
-
-        from sdft_ray.weight_sync import broadcast, unpack
-
         flat = torch.empty(nbytes, dtype=torch.uint8, device=worker.device)
         broadcast(worker._sdft_group, flat)
         worker._sdft_load(unpack(flat, meta))

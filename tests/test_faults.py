@@ -102,21 +102,20 @@ def _run_with(tiny, out: Path, action, **extra):
     action(d)
     th.join(timeout=600)
     d.shutdown()
+    result["driver"] = d  # what the run's recovery did (the publisher's connections) is read from it
     return result
+
+
+def _kill_engine(d: SDFTDriver) -> None:
+    os.kill(ray.get(d.actors.rollouts.actors[0].pid.remote()), signal.SIGKILL)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_rollout_actor_killed_is_restarted_and_resynced(tiny, ray_cluster, tmp_path: Path, backend) -> None:
-    seen: dict = {}
-
-    def kill_rollout(d: SDFTDriver) -> None:
-        seen["driver"] = d
-        os.kill(ray.get(d.actors.rollouts.actors[0].pid.remote()), signal.SIGKILL)
-
     res = _run_with(
         tiny,
         tmp_path,
-        kill_rollout,
+        _kill_engine,
         train__steps=10,
         rollout__max_new_tokens=24,
         pipeline__verify_weight_checksums=True,
@@ -128,7 +127,7 @@ def test_rollout_actor_killed_is_restarted_and_resynced(tiny, ray_cluster, tmp_p
     assert any(e.get("event") == "actor_restart" and e["actors"] == ["rollout[0]"] for e in events)
     # the restarted engine got the current weights (checked against the trainer at every sync), through a
     # transport set up again with it (NCCL needs a new group; on CPU the object store has nothing to set up)
-    assert res["summary"]["weights_verified"] >= 11 and seen["driver"].weights.connections == 2
+    assert res["summary"]["weights_verified"] >= 11 and res["driver"].weights.connections == 2
 
 
 def test_an_engine_dying_while_recovery_catches_up_is_recovered_again(tiny, ray_cluster, tmp_path: Path, monkeypatch):
@@ -136,7 +135,6 @@ def test_an_engine_dying_while_recovery_catches_up_is_recovered_again(tiny, ray_
     traceback. Now that death is recovered like the first, and every later sync is still proven."""
     from sdft_ray.weight_transport import WeightPublisher
 
-    seen: dict = {}
     real_reconnect = WeightPublisher.reconnect
 
     def reconnect_then_lose_the_engine_again(self) -> None:  # the test's hook; shipped code is unchanged
@@ -144,17 +142,13 @@ def test_an_engine_dying_while_recovery_catches_up_is_recovered_again(tiny, ray_
         if self.connections == 2:  # the first recovery: its fresh engine dies before the weights reach it
             os.kill(ray.get(self.engines[0].pid.remote()), signal.SIGKILL)
 
-    def kill_rollout(d: SDFTDriver) -> None:
-        seen["driver"] = d
-        os.kill(ray.get(d.actors.rollouts.actors[0].pid.remote()), signal.SIGKILL)
-
     monkeypatch.setattr(WeightPublisher, "reconnect", reconnect_then_lose_the_engine_again)
     res = _run_with(
-        tiny, tmp_path, kill_rollout, train__steps=6, rollout__max_new_tokens=24, pipeline__verify_weight_checksums=True
+        tiny, tmp_path, _kill_engine, train__steps=6, rollout__max_new_tokens=24, pipeline__verify_weight_checksums=True
     )
     assert "error" not in res, res.get("error")
     assert res["summary"]["steps"] == 6 and res["summary"]["restarts"] == 2
-    assert seen["driver"].weights.connections == 3 and res["summary"]["weights_verified"] >= 7
+    assert res["driver"].weights.connections == 3 and res["summary"]["weights_verified"] >= 7
 
 
 @requires_vllm
@@ -162,16 +156,10 @@ def test_engine_killed_under_the_collective_transport_rejoins_a_new_group(tiny, 
     """pipeline.weight_transport=nccl on CPU runs the same group logic over gloo: a restarted engine cannot join
     the group that held its dead predecessor, so recovery builds a new one with every member, and every later
     sync is proven by checksum."""
-    seen: dict = {}
-
-    def kill_rollout(d: SDFTDriver) -> None:
-        seen["driver"] = d
-        os.kill(ray.get(d.actors.rollouts.actors[0].pid.remote()), signal.SIGKILL)
-
     res = _run_with(
         tiny,
         tmp_path,
-        kill_rollout,
+        _kill_engine,
         train__steps=8,
         rollout__max_new_tokens=24,
         rollout__backend="vllm",
@@ -180,7 +168,7 @@ def test_engine_killed_under_the_collective_transport_rejoins_a_new_group(tiny, 
         pipeline__sync_timeout_s=60,  # a member missing from the group fails the run in a minute, not ten
     )
     assert "error" not in res, res.get("error")
-    publisher = seen["driver"].weights
+    publisher = res["driver"].weights
     assert type(publisher.engine_transport).__name__ == "NcclTransport"
     assert res["summary"]["steps"] == 8 and res["summary"]["restarts"] == 1 and publisher.connections == 2
     assert res["summary"]["weights_verified"] >= 9

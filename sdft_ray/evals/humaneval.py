@@ -32,7 +32,7 @@ INSTRUCTION = (
 TIMEOUT_S = 5.0  # per program: the canonical solutions take milliseconds
 MEMORY_MB = 2048  # address space of the sandbox process and the programs it forks
 
-_FENCE = re.compile(r"```(?:python|py|Python)?[ \t]*\n(.*?)```", re.DOTALL)
+FENCE = re.compile(r"```(?:python|py|Python)?[ \t]*\n(.*?)```", re.DOTALL)  # a closed code block; its code
 
 
 def wheel(path: str | Path | None = None) -> Path:
@@ -72,7 +72,7 @@ def extract_program(reply: str, problem: dict[str, Any]) -> str:
     """The code to test: the code block that defines the entry point (else the last one, else the reply), after
     the problem's own header (its imports and helper functions) so that a reply that repeats only the function
     still finds what the prompt gave it. A reply without the function fails the tests; nothing is patched in."""
-    blocks = _FENCE.findall(reply) or [reply]
+    blocks = FENCE.findall(reply) or [reply]
     name = f"def {problem['entry_point']}("
     code = next((b for b in blocks if name in b), blocks[-1])
     prompt = problem["prompt"]

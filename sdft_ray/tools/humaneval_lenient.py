@@ -17,7 +17,7 @@ import re
 import sys
 from pathlib import Path
 
-from sdft_ray.evals.humaneval import extract_program, problems, run_programs
+from sdft_ray.evals.humaneval import FENCE, extract_program, problems, run_programs
 
 _OPEN = re.compile(r"```[A-Za-z]*[ \t]*\n")
 _CLOSE = re.compile(r"^[ \t]*``", re.MULTILINE)
@@ -27,7 +27,7 @@ def lenient_reply(reply: str) -> str:
     """The reply rewritten so that the protocol's extractor finds the block: an opened block is closed where its
     broken fence (or the reply) ends. A reply without an opening fence is left as it is."""
     m = _OPEN.search(reply)
-    if not m or re.search(r"```(?:python|py|Python)?[ \t]*\n.*?```", reply, re.DOTALL):
+    if not m or FENCE.search(reply):  # a block the protocol's extractor already reads
         return reply
     body = reply[m.end() :]
     end = _CLOSE.search(body)
