@@ -103,3 +103,21 @@ def test_the_template_rule_picks_the_more_accurate_sampled_teacher_official_on_a
     assert cfg.data.teacher_template == experiment_v3.TEMPLATES[chosen]
     assert cfg.model.lora.rank == 16 and cfg.model.lora.alpha == 32 and cfg.train.lr == 2.0e-4
     assert cfg.eval.sets and cfg.data.max_prompt_length == 768  # the rest is the 0.5B's protocol
+
+
+@pytest.mark.parametrize(
+    "tail",
+    [
+        ["--gap", "bfcl", "humaneval", "model.path=m", "train.lr=0.1"],
+        ["model.path=m", "--gap", "bfcl", "humaneval", "train.lr=0.1"],
+        ["model.path=m", "train.lr=0.1", "--gap", "bfcl", "humaneval"],
+    ],
+)
+def test_overrides_are_read_wherever_they_stand_even_after_a_list_option(tail: list[str]) -> None:
+    a = experiment_v3.parse_args(["--config", "c.yaml", "--out", "docs/x=1", "--n-train", "8", *tail])
+    assert a.gap == ["bfcl", "humaneval"] and a.overrides == ["model.path=m", "train.lr=0.1"]
+    assert a.out == "docs/x=1"  # a path with '=' is not an override
+    a = experiment_v3.parse_args(["--config", "c.yaml", "--out", "o", "--n-train", "8", "--seeds", "1", "2", "x.y=3"])
+    assert a.seeds == [1, 2] and a.overrides == ["x.y=3"]
+    with pytest.raises(SystemExit):  # a misspelt part is still refused
+        experiment_v3.parse_args(["--config", "c.yaml", "--out", "o", "--n-train", "8", "--gap", "bfc"])

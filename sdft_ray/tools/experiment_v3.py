@@ -16,10 +16,12 @@ One command per model; everything it finished is read back from disk, so it is s
 
 from __future__ import annotations
 
+import argparse
 import copy
 import hashlib
 import json
 import random
+import re
 import shutil
 import statistics
 import sys
@@ -342,9 +344,12 @@ def _plot(root: Path, base: dict[str, Any], runs: dict[str, dict[int, Any]], set
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> None:
-    import argparse
+_OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.\w+)+=")
 
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line; ``section.key=value`` overrides may stand anywhere, also right after ``--gap``'s or
+    ``--seeds``' values, which would otherwise take them as one more value and stop with "invalid choice"."""
     ap = argparse.ArgumentParser(description="Protocol v3: SDFT vs SFT on BFCL, HumanEval and probes kept")
     ap.add_argument("--config", required=True)
     ap.add_argument("--out", required=True)
@@ -357,8 +362,16 @@ def main(argv: list[str] | None = None) -> None:
         "--gap", nargs="*", choices=[p[0] for p in GAP_PARTS], help="only the teacher-gap table (before any run)"
     )
     ap.add_argument("--base-only", action="store_true", help="only score the base model (base/), then stop")
-    ap.add_argument("overrides", nargs="*", help="key=value, for every run")
-    a = ap.parse_args(argv)
+    ap.add_argument("overrides", nargs="*", help="section.key=value, for every run (anywhere on the line)")
+    argv = sys.argv[1:] if argv is None else argv
+    overrides = [x for x in argv if _OVERRIDE.match(x)]
+    a = ap.parse_args([x for x in argv if not _OVERRIDE.match(x)])
+    a.overrides = overrides
+    return a
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = parse_args(argv)
     root = Path(a.out)
     if a.tables:
         print(tables(root, a.methods, a.seeds))
