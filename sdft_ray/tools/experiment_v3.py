@@ -327,12 +327,21 @@ def _plot(root: Path, base: dict[str, Any], runs: dict[str, dict[int, Any]], set
 
     fig, axes = plt.subplots(1, len(sets), figsize=(3.2 * len(sets), 3), squeeze=False)
     colors = {"sdft": "tab:blue", "sft": "tab:orange"}
+    styles = ["-", "--", ":", "-."]  # seeds of one method share a colour; the line tells them apart
     for ax, s in zip(axes[0], sets, strict=True):
         for m, rs in runs.items():
             for seed, r in rs.items():
                 pts = sorted((int(k), v[s]["accuracy"]) for k, v in r["curve"].items())
                 xs, ys = [0, *[p[0] for p in pts]], [base[s]["accuracy"], *[p[1] for p in pts]]
-                ax.plot(xs, ys, marker="o", color=colors.get(m), alpha=0.8, label=f"{m} seed {seed}")
+                ax.plot(
+                    xs,
+                    ys,
+                    marker="o",
+                    color=colors.get(m),
+                    linestyle=styles[int(seed) % len(styles)],
+                    alpha=0.8,
+                    label=f"{m} seed {seed}",
+                )
         ax.set_title(s, fontsize=9)
         ax.set_xlabel("step")
     axes[0][0].set_ylabel("accuracy")
