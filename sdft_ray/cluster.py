@@ -52,8 +52,8 @@ def actor_runtime_env(threads: int, extra: dict[str, str] | None = None) -> dict
             # kept: a 0.5B trainer on CPU then grew by ~1 GB per step until Ray's memory monitor killed it.
             "MALLOC_MMAP_THRESHOLD_": str(1 << 20),
             # ... and each such mapping then faults in 4 KB at a time: a 1.5B LoRA trainer spent a third of its
-            # CPU in the kernel. torch's allocator asks for 2 MB pages instead: SFT step 34.7 -> 19 s on AMX, the
-            # same peak memory (docs/benchmarks.md). Linux only; elsewhere torch ignores it.
+            # CPU in the kernel. torch's allocator asks for 2 MB pages instead: SFT step 24-35 -> 19-20 s on AMX,
+            # the same peak memory (docs/benchmarks.md). Linux only; elsewhere torch ignores it.
             "THP_MEM_ALLOC_ENABLE": "1",
             # the driver found the hub unreachable and the model cached (sdft_ray/hub.py): actors read the cache
             **({"HF_HUB_OFFLINE": os.environ["HF_HUB_OFFLINE"]} if "HF_HUB_OFFLINE" in os.environ else {}),

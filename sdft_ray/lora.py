@@ -110,9 +110,11 @@ class Merger:
         with torch.no_grad():
             # W + scale * B @ A as one addmm in the weight's dtype: peft's get_delta_weight casts a bf16 adapter to
             # fp32 on CPU and returns a full-size fp32 delta, rounded, then added and rounded again; at 1.5B that
-            # is ~5 GB of temporaries per sync. addmm accumulates in fp32 and rounds once (docs/benchmarks.md).
-            a = layer.lora_A[self.adapter].weight.to(tensor.dtype)
-            b = layer.lora_B[self.adapter].weight.to(tensor.dtype)
+            # is ~5 GB of temporaries per sync. For an adapter in the weight's dtype, addmm accumulates
+            # in fp32 and rounds once (docs/benchmarks.md).
+            a, b = layer.lora_A[self.adapter].weight, layer.lora_B[self.adapter].weight
+            if a.dtype != tensor.dtype:  # a wider adapter (fp32 on a bf16 base) keeps its precision until the sum
+                return tensor + layer.get_delta_weight(self.adapter).to(tensor.dtype)
             scale = layer.scaling[self.adapter]
             if layer.fan_in_fan_out:  # Conv1D layers (GPT-2) hold their weight as (in, out)
                 return torch.addmm(tensor, a.t(), b.t(), alpha=scale)
