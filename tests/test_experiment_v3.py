@@ -52,6 +52,8 @@ def test_runner_reads_finished_runs_back_and_rebuilds_tables(tiny, ray_cluster, 
     metrics = (out / "sft_seed0" / "metrics.jsonl").stat().st_mtime_ns
     experiment_v3.main([*args, tiny["train"]])  # everything finished: read back, nothing retrained
     assert (out / "sft_seed0" / "metrics.jsonl").stat().st_mtime_ns == metrics
+    experiment_v3.main([*args, tiny["train"], "--methods", "sft"])  # one method asked for: the table keeps both
+    assert "sdft seeds [0], sft seeds [0]" in (out / "results.md").read_text()
 
     import shutil
 

@@ -33,6 +33,8 @@ from sdft_ray import checkpoint as ckpt
 from sdft_ray import eval_points
 from sdft_ray.config import Config, DataConfig, load_config
 
+METHODS = ["sdft", "sft"]  # the order of the tables' rows
+
 
 def prepare_data(cfg: Config, source: str, root: Path, n_train: int) -> Path:
     """The training file every run of this experiment reads (written once, then reused as it is)."""
@@ -244,13 +246,14 @@ def _mean_std(xs: list[float]) -> str:
     return f"{statistics.mean(xs):.3f} ± {sd:.3f} ({', '.join(f'{x:.3f}' for x in xs)})"
 
 
-def tables(root: Path, methods: list[str], seeds: list[int]) -> str:
-    """results.md / results.json / curves.png from what is on disk (finished runs only, each one named)."""
+def tables(root: Path) -> str:
+    """results.md / results.json / curves.png from every finished run on disk (each one named), whichever
+    methods and seeds this invocation trained: runs started one seed at a time still add up to one table."""
     base = eval_points.read_point(root / "base", 0) or {}
     sets = list(base)
     runs = {
-        m: {s: json.loads((root / f"{m}_seed{s}" / "DONE.json").read_text()) for s in seeds if _done(root, m, s)}
-        for m in methods
+        m: {s: json.loads((root / f"{m}_seed{s}" / "DONE.json").read_text()) for s in _finished_seeds(root, m)}
+        for m in METHODS
     }
     lines = [
         "Finished runs: " + ", ".join(f"{m} seeds {sorted(r) or 'none'}" for m, r in runs.items()) + ".",
@@ -314,6 +317,11 @@ def _done(root: Path, method: str, seed: int) -> bool:
     return (root / f"{method}_seed{seed}" / "DONE.json").is_file()
 
 
+def _finished_seeds(root: Path, method: str) -> list[int]:
+    found = (re.fullmatch(rf"{method}_seed(\d+)", p.name) for p in root.glob(f"{method}_seed*"))
+    return sorted(int(m[1]) for m in found if m and _done(root, method, int(m[1])))
+
+
 def _base_drift(root: Path) -> float | None:
     path = root / "base" / "drift_nll.json"
     return json.loads(path.read_text()) if path.is_file() else None
@@ -363,7 +371,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--config", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--methods", nargs="+", default=["sdft", "sft"], choices=["sdft", "sft"])
+    ap.add_argument("--methods", nargs="+", default=["sdft", "sft"], choices=METHODS)
     ap.add_argument("--train-source", default="data/evals/bfcl_train.jsonl")
     ap.add_argument("--n-train", type=int, required=True, help="training records (one epoch)")
     ap.add_argument("--tables", action="store_true", help="only rebuild the tables from disk")
@@ -383,7 +391,7 @@ def main(argv: list[str] | None = None) -> None:
     a = parse_args(argv)
     root = Path(a.out)
     if a.tables:
-        print(tables(root, a.methods, a.seeds))
+        print(tables(root))
         return
     cfg = load_config(a.config, a.overrides)
     train_file = prepare_data(cfg, a.train_source, root, a.n_train)
@@ -410,7 +418,7 @@ def main(argv: list[str] | None = None) -> None:
                 f"train.output_dir={run_dir}",
             ]
             run_one(a.config, over, run_dir, drift)
-            print(tables(root, a.methods, a.seeds), flush=True)
+            print(tables(root), flush=True)
 
 
 if __name__ == "__main__":
