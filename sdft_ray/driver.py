@@ -45,6 +45,7 @@ class SDFTDriver:
         self.data = tokenize_examples(examples, self.tokenizer, cfg.data, self.report)
         if cfg.train.algo == "sft" and any(not d.demonstration_ids for d in self.data):
             raise ValueError(f"{cfg.data.train}: train.algo=sft needs a demonstration in every record")
+        eval_points.check_sets(cfg)
         if cfg.teacher.model_path:
             check_teacher_model(cfg.model, cfg.teacher.model_path, self.tokenizer)
         if cfg.teacher.kind == "external":  # up, the right model, the same tokenizer: before any actor starts

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from sdft_ray.config import Config
+from sdft_ray.errors import DataError
 
 
 def is_eval_step(cfg: Config, step: int, total_steps: int) -> bool:
@@ -70,6 +71,18 @@ def set_config(cfg: Config, index: int) -> Config:
     if es.scorer:
         c.eval.scorer = es.scorer
     return c
+
+
+def check_sets(cfg: Config) -> None:
+    """Read every eval set as its eval point will: a missing or malformed file fails before training starts,
+    not at the first eval point, where it cost a run the steps since its last checkpoint."""
+    from sdft_ray.data import load_examples
+
+    for i, es in enumerate(cfg.eval.sets):
+        try:
+            load_examples(cfg.data, es.data)
+        except DataError as e:
+            raise DataError(f"eval.sets[{i}] ({es.name}): {e}") from None
 
 
 def score_point(cfg: Config, tokenizer: Any, engines: list[Any], output_dir: str | Path, step: int) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from sdft_ray import checkpoint as ckpt
 from sdft_ray import eval_points
 from sdft_ray.config import ConfigError, load_config
 from sdft_ray.driver import SDFTDriver
+from sdft_ray.errors import DataError
 from sdft_ray.evaluate import evaluate
 
 
@@ -92,3 +93,17 @@ def test_eval_sets_are_checked_up_front(tiny, tmp_path: Path) -> None:
     twice = json.dumps([{"name": "a", "data": tiny["eval"]}, {"name": "a", "data": tiny["eval"]}])
     with pytest.raises(ConfigError, match="used twice"):
         load_config(None, tiny_overrides(tiny, tmp_path, eval__every=2, eval__sets=twice))
+
+
+def test_a_missing_eval_file_stops_the_run_before_it_trains(tiny, tmp_path: Path) -> None:
+    """A set whose file is gone is found when the driver is built (no Ray, nothing written), not at the first
+    eval point an hour into a run; the line names the set and the file."""
+    sets = [
+        {"name": "shift", "data": tiny["eval"]},
+        {"name": "probes", "data": str(tmp_path / "data" / "probes_eval.jsonl")},
+    ]
+    out = tmp_path / "run"
+    cfg = load_config(None, tiny_overrides(tiny, out, eval__every=2, eval__sets=json.dumps(sets)))
+    with pytest.raises(DataError, match=r"eval.sets\[1\] \(probes\): .*probes_eval.jsonl: no such file"):
+        SDFTDriver(cfg)
+    assert not out.exists()
