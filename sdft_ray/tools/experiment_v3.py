@@ -371,7 +371,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--config", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--methods", nargs="+", default=["sdft", "sft"], choices=METHODS)
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--train-source", default="data/evals/bfcl_train.jsonl")
     ap.add_argument("--n-train", type=int, required=True, help="training records (one epoch)")
     ap.add_argument("--tables", action="store_true", help="only rebuild the tables from disk")
