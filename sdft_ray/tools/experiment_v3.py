@@ -313,13 +313,10 @@ def _first_steps(root: Path, runs: dict[str, dict[int, Any]], n: int = 8) -> lis
     return lines
 
 
-def _done(root: Path, method: str, seed: int) -> bool:
-    return (root / f"{method}_seed{seed}" / "DONE.json").is_file()
-
-
 def _finished_seeds(root: Path, method: str) -> list[int]:
-    found = (re.fullmatch(rf"{method}_seed(\d+)", p.name) for p in root.glob(f"{method}_seed*"))
-    return sorted(int(m[1]) for m in found if m and _done(root, method, int(m[1])))
+    """Seeds whose run folder holds DONE.json; a kept ``<run>.lost-<time>`` folder beside it is not a run."""
+    found = ((re.fullmatch(rf"{method}_seed(\d+)", p.name), p) for p in root.glob(f"{method}_seed*"))
+    return sorted(int(m[1]) for m, p in found if m and (p / "DONE.json").is_file())
 
 
 def _base_drift(root: Path) -> float | None:
